@@ -1,0 +1,59 @@
+# TorchServe packaging of the cam / ddpm / sd15 models. `make help` lists the targets.
+PROFILE ?= demo
+TARGET ?= cpu
+PY := .venv/bin/python
+export HF_HUB_OFFLINE ?= 1
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: help setup weights archive start stop demo test test-unit test-integration bench clean
+
+help:
+	@echo "make setup                    create .venv with the pinned requirements (checks Java 17)"
+	@echo "make weights  [PROFILE=demo|pretrained]   build/prepare the weights directories"
+	@echo "make archive  [PROFILE=..] [TARGET=cpu|gpu|arm64]   build .mar archives into model_store/"
+	@echo "make start / make stop        run TorchServe with config.properties (waits until READY)"
+	@echo "make demo                     everything on a fresh machine; outputs in outputs/"
+	@echo "make test                     unit + integration tests (offline, starts its own TorchServe)"
+	@echo "make bench                    benchmarks -> benchmarks/results/latest.{json,md}"
+
+.venv/.installed: requirements.txt
+	@command -v java >/dev/null 2>&1 || { echo "Java 17 is required by TorchServe and was not found. Install it: 'sudo apt-get install openjdk-17-jre-headless' (Debian/Ubuntu), 'brew install openjdk@17' (macOS)"; exit 1; }
+	@v=$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1); \
+	  [ "$${v:-0}" -ge 17 ] || { echo "TorchServe needs Java 17 or newer; found Java $${v:-unknown}. Install openjdk-17-jre-headless."; exit 1; }
+	@[ -x .venv/bin/python ] || python3 -m venv .venv
+	.venv/bin/pip install --disable-pip-version-check -q -r requirements.txt
+	@touch $@
+
+setup: .venv/.installed
+
+weights: setup
+	$(PY) -m weights.build_all --profile $(PROFILE)
+
+archive: weights
+	./archive.sh --profile $(PROFILE) --target $(TARGET)
+
+start: setup
+	@mkdir -p logs
+	.venv/bin/torchserve --start --ncs --ts-config config.properties > logs/torchserve.out 2>&1
+	$(PY) -m clients.manage wait --timeout 600
+
+stop:
+	-.venv/bin/torchserve --stop
+
+demo: archive
+	$(PY) -m clients.demo
+
+test: archive
+	$(PY) -m pytest tests -q
+
+test-unit: weights
+	$(PY) -m pytest tests/unit -q
+
+test-integration: archive
+	$(PY) -m pytest tests/integration -q
+
+bench: archive
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf model_store/*.mar model_store/sd15 model_store/.*.fingerprint outputs logs

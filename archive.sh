@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# Builds TorchServe archives (.mar) of the project's models into model_store/.
+#
+#   ./archive.sh [--profile demo|pretrained] [--target cpu|gpu|arm64] [--version V]
+#                [--name NAME] [--weights DIR] [--store DIR] [--force] [MODEL...]
+#
+# MODEL is one of the handlers in handlers/ (cam, ddpm, sd15); none named = every model that
+# has weights for the profile. Weights come from weights/<profile>/<model>/ unless --weights
+# (one model only) or <MODEL>_WEIGHTS (e.g. SD15_WEIGHTS=/data/sd15) points elsewhere.
+# The archive is built in a temp dir and moved into place, so a failed run never leaves a
+# half-written archive; an unchanged input set is detected by a fingerprint and skipped.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+profile="${PROFILE:-demo}"
+target="${TARGET:-cpu}"
+version="${VERSION:-1.0}"
+store="${MODEL_STORE:-$here/model_store}"
+name=""
+weights_override=""
+force=0
+models=()
+
+die() { echo "archive.sh: $*" >&2; exit 1; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --profile) profile="${2:?--profile needs a value}"; shift 2 ;;
+    --target) target="${2:?--target needs a value}"; shift 2 ;;
+    --version) version="${2:?--version needs a value}"; shift 2 ;;
+    --name) name="${2:?--name needs a value}"; shift 2 ;;
+    --weights) weights_override="${2:?--weights needs a value}"; shift 2 ;;
+    --store) store="${2:?--store needs a value}"; shift 2 ;;
+    --force) force=1; shift ;;
+    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -*) die "unknown option $1 (see --help)" ;;
+    *) models+=("$1"); shift ;;
+  esac
+done
+
+case "$profile" in demo|pretrained) ;; *) die "unknown profile '$profile' (demo or pretrained)" ;; esac
+case "$target" in cpu|gpu|arm64) ;; *) die "unknown target '$target' (cpu, gpu or arm64)" ;; esac
+
+archiver="$here/.venv/bin/torch-model-archiver"
+[ -x "$archiver" ] || archiver="$(command -v torch-model-archiver || true)"
+[ -n "$archiver" ] || die "torch-model-archiver not found: run 'make setup' (or pip install torch-model-archiver==0.12.0)"
+
+known=()
+for f in "$here"/handlers/*.py; do
+  m="$(basename "$f" .py)"
+  [ -d "$here/model_configs/$m" ] && known+=("$m")
+done
+
+weights_for() {  # model -> weights directory
+  local var
+  var="$(echo "$1" | tr '[:lower:]' '[:upper:]')_WEIGHTS"
+  if [ -n "$weights_override" ]; then echo "$weights_override"
+  elif [ -n "${!var:-}" ]; then echo "${!var}"
+  else echo "$here/weights/$profile/$1"; fi
+}
+
+if [ ${#models[@]} -eq 0 ]; then
+  for m in "${known[@]}"; do [ -d "$(weights_for "$m")" ] && models+=("$m"); done
+  [ ${#models[@]} -gt 0 ] || die "no weights found under weights/$profile/ (run 'make weights PROFILE=$profile')"
+fi
+[ -z "$weights_override" ] || [ ${#models[@]} -eq 1 ] || die "--weights applies to one model at a time"
+[ -z "$name" ] || [ ${#models[@]} -eq 1 ] || die "--name applies to one model at a time"
+for m in "${models[@]}"; do
+  [[ " ${known[*]} " == *" $m "* ]] || die "unknown model '$m' (known: ${known[*]})"
+done
+
+mkdir -p "$store"
+
+fingerprint() {  # every input that changes the archive: handler code, config, weights, options
+  local m="$1" wdir="$2"
+  {
+    echo "$profile $target $version $3 $4"
+    (cd "$here" && sha256sum handlers/*.py "model_configs/$m/$target.yaml")
+    # Size + mtime of each weights file: cheap for multi-GB weights, still catches rebuilds.
+    (cd "$wdir" && find -L . -type f -printf '%p %s %T@\n' | LC_ALL=C sort)
+  } | sha256sum | cut -d' ' -f1
+}
+
+for m in "${models[@]}"; do
+  wdir="$(weights_for "$m")"
+  [ -d "$wdir" ] || die "weights directory for '$m' not found: $wdir (build it with 'make weights PROFILE=$profile' or set $(echo "$m" | tr '[:lower:]' '[:upper:]')_WEIGHTS)"
+  config="$here/model_configs/$m/$target.yaml"
+  [ -f "$config" ] || die "no model config for '$m' on target '$target': $config"
+  mname="${name:-$m}"
+  # Diffusion pipelines are GBs in the pretrained profile: store them unpacked (no-archive),
+  # so neither archiving nor loading spends minutes compressing and unzipping them.
+  format="default"; out="$store/$mname.mar"
+  if [ "$m" = "sd15" ]; then format="no-archive"; out="$store/$mname"; fi
+  fp="$(fingerprint "$m" "$wdir" "$mname" "$format")"
+  stamp="$store/.$mname.fingerprint"
+  if [ "$force" = 0 ] && [ -e "$out" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$fp" ]; then
+    echo "archive.sh: $mname is up to date ($out)"
+    continue
+  fi
+
+  work="$(mktemp -d "$store/.build-$mname.XXXXXX")"
+  trap 'rm -rf "$work"' EXIT
+  mkdir -p "$work/extra/handlers" "$work/out" "$work/tmp"
+  cp "$here"/handlers/*.py "$work/extra/handlers/"
+  ln -s "$(cd "$wdir" && pwd)" "$work/extra/weights"  # the archiver copies through the link
+  echo "archive.sh: building $mname ($m, profile $profile, target $target, version $version, format $format) from $wdir"
+  start=$(date +%s.%N)
+  TMPDIR="$work/tmp" "$archiver" --model-name "$mname" --version "$version" \
+    --handler "$here/handlers/$m.py" --extra-files "$work/extra" \
+    --config-file "$config" --archive-format "$format" --export-path "$work/out" \
+    || die "torch-model-archiver failed for $mname"
+  built="$work/out/$mname"; [ "$format" = "no-archive" ] || built="$built.mar"
+  rm -rf "$out" "$stamp"
+  mv "$built" "$out"
+  echo "$fp" > "$stamp"
+  rm -rf "$work"; trap - EXIT
+  echo "archive.sh: wrote $out ($(du -sh "$out" | cut -f1), $(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}') s)"
+done

@@ -1,0 +1,215 @@
+"""A small client library for this project's TorchServe: inference, explanations, management.
+
+It reads TorchServe's `key_file.json` and sends the right Bearer token to each API, retries
+503s (model still loading / worker restarting) with backoff, and on a refused token re-reads
+the key file once (the server may have rotated the keys) before giving up with a clear error.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+DEFAULT_INFERENCE = "http://127.0.0.1:8080"
+DEFAULT_MANAGEMENT = "http://127.0.0.1:8081"
+DEFAULT_METRICS = "http://127.0.0.1:8082"
+
+
+class ServerError(RuntimeError):
+    """An HTTP error from TorchServe, with the status and the server's message."""
+
+    def __init__(self, status: int, body: Any, url: str):
+        self.status = status
+        self.body = body
+        self.url = url
+        msg = body.get("error") or body.get("message") if isinstance(body, dict) else str(body)[:300]
+        field = f" (field '{body['field']}')" if isinstance(body, dict) and body.get("field") else ""
+        super().__init__(f"HTTP {status} from {url}: {msg}{field}")
+
+
+def _decode(resp: requests.Response) -> Any:
+    if resp.headers.get("content-type", "").startswith("application/json"):
+        return resp.json()
+    try:
+        return resp.json()
+    except ValueError:
+        return resp.content
+
+
+def _is_token_refusal(resp: requests.Response) -> bool:
+    # TorchServe 0.12 answers a missing/wrong/expired key with 400 InvalidKeyException.
+    return resp.status_code in (400, 401) and "InvalidKeyException" in resp.text
+
+
+@dataclass
+class Keys:
+    inference: str | None = None
+    management: str | None = None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None) -> "Keys":
+        if path is None or not Path(path).is_file():
+            return cls()
+        data = json.loads(Path(path).read_text())
+        return cls(
+            inference=(data.get("inference") or {}).get("key"),
+            management=(data.get("management") or {}).get("key"),
+        )
+
+
+class TorchServeClient:
+    """Talks to one TorchServe. URLs and key file default to this repo's config.properties."""
+
+    def __init__(
+        self,
+        inference_url: str | None = None,
+        management_url: str | None = None,
+        metrics_url: str | None = None,
+        key_file: str | os.PathLike | None = None,
+        timeout: float = 120.0,
+        retries: int = 3,
+    ):
+        self.inference_url = (inference_url or os.environ.get("TS_INFERENCE_URL") or DEFAULT_INFERENCE).rstrip("/")
+        self.management_url = (management_url or os.environ.get("TS_MANAGEMENT_URL") or DEFAULT_MANAGEMENT).rstrip("/")
+        self.metrics_url = (metrics_url or os.environ.get("TS_METRICS_URL") or DEFAULT_METRICS).rstrip("/")
+        self.key_file = key_file or os.environ.get("TS_KEY_FILE") or "key_file.json"
+        self.keys = Keys.load(self.key_file)
+        self.timeout = timeout
+        self.session = requests.Session()
+        retry = Retry(
+            total=retries,
+            status_forcelist=(503,),
+            allowed_methods=None,  # inference POSTs are safe to repeat here: no side effects
+            backoff_factor=0.5,
+            raise_on_status=False,
+        )
+        self.session.mount("http://", HTTPAdapter(max_retries=retry, pool_maxsize=64))
+
+    # plumbing -----------------------------------------------------------------------------
+    def _request(self, api: str, method: str, url: str, **kwargs) -> requests.Response:
+        for attempt in (0, 1):
+            key = getattr(self.keys, api)
+            headers = dict(kwargs.pop("headers", None) or {})
+            if key:
+                headers["Authorization"] = f"Bearer {key}"
+            resp = self.session.request(method, url, headers=headers, timeout=self.timeout, **kwargs)
+            if not _is_token_refusal(resp):
+                return resp
+            if attempt == 0:
+                self.keys = Keys.load(self.key_file)  # rotated or expired: read the file again
+                kwargs["headers"] = {k: v for k, v in headers.items() if k != "Authorization"}
+        raise ServerError(
+            resp.status_code,
+            {"error": f"the server refused the {api} token from {self.key_file} (missing, wrong or "
+                      "expired; a fresh one: POST /token?type=" + api + " on the management API)"},
+            url,
+        )
+
+    def _checked(self, api: str, method: str, url: str, **kwargs) -> Any:
+        resp = self._request(api, method, url, **kwargs)
+        body = _decode(resp)
+        if resp.status_code >= 400:
+            raise ServerError(resp.status_code, body, url)
+        return body
+
+    @staticmethod
+    def _path(model: str, version: str | None) -> str:
+        return f"{model}/{version}" if version else model
+
+    # inference API ------------------------------------------------------------------------
+    def ping(self) -> dict:
+        return self._checked("inference", "GET", f"{self.inference_url}/ping")
+
+    def predict_raw(
+        self, model: str, payload: dict | bytes, version: str | None = None, accept: str | None = None,
+        explain: bool = False,
+    ) -> requests.Response:
+        """POST one request; returns the Response whatever its status (for tests and tools)."""
+        endpoint = "explanations" if explain else "predictions"
+        url = f"{self.inference_url}/{endpoint}/{self._path(model, version)}"
+        headers = {"Accept": accept} if accept else {}
+        if isinstance(payload, (bytes, bytearray)):
+            headers["Content-Type"] = "application/octet-stream"
+            return self._request("inference", "POST", url, data=payload, headers=headers)
+        return self._request("inference", "POST", url, json=payload, headers=headers)
+
+    def predict(self, model: str, payload: dict | bytes, version: str | None = None,
+                accept: str | None = None, explain: bool = False) -> Any:
+        resp = self.predict_raw(model, payload, version, accept, explain)
+        body = _decode(resp)
+        if resp.status_code >= 400:
+            raise ServerError(resp.status_code, body, resp.url)
+        return body
+
+    # management API -----------------------------------------------------------------------
+    def list_models(self) -> list[dict]:
+        return self._checked("management", "GET", f"{self.management_url}/models?limit=1000")["models"]
+
+    def describe(self, model: str, version: str | None = None) -> list[dict]:
+        return self._checked("management", "GET", f"{self.management_url}/models/{self._path(model, version)}")
+
+    def register(self, url: str, model_name: str | None = None, batch_size: int | None = None,
+                 max_batch_delay: int | None = None, initial_workers: int = 1,
+                 response_timeout: int | None = None, synchronous: bool = True) -> dict:
+        params = {"url": url, "initial_workers": initial_workers, "synchronous": str(synchronous).lower()}
+        for key, value in (("model_name", model_name), ("batch_size", batch_size),
+                           ("max_batch_delay", max_batch_delay), ("response_timeout", response_timeout)):
+            if value is not None:
+                params[key] = value
+        return self._checked("management", "POST", f"{self.management_url}/models", params=params)
+
+    def scale(self, model: str, min_worker: int, max_worker: int | None = None,
+              version: str | None = None, synchronous: bool = True) -> dict:
+        params = {"min_worker": min_worker, "max_worker": max_worker if max_worker is not None else min_worker,
+                  "synchronous": str(synchronous).lower()}
+        return self._checked("management", "PUT", f"{self.management_url}/models/{self._path(model, version)}",
+                             params=params)
+
+    def set_default(self, model: str, version: str) -> dict:
+        return self._checked("management", "PUT", f"{self.management_url}/models/{model}/{version}/set-default")
+
+    def unregister(self, model: str, version: str | None = None) -> dict:
+        return self._checked("management", "DELETE", f"{self.management_url}/models/{self._path(model, version)}")
+
+    def wait_ready(self, models: list[str] | None = None, timeout: float = 300.0) -> list[dict]:
+        """Waits until every registered model (or the ones named) has all workers READY."""
+        deadline = time.monotonic() + timeout
+        last = "server not answering"
+        while time.monotonic() < deadline:
+            try:
+                names = models or [m["modelName"] for m in self.list_models()]
+                described = [d for name in names for d in self.describe(name)]
+                pending = [d["modelName"] for d in described
+                           if not d.get("workers") or any(w["status"] != "READY" for w in d["workers"])]
+                if names and not pending:
+                    return described
+                last = f"not ready: {', '.join(pending) or 'no models registered'}"
+            except (requests.ConnectionError, ServerError) as exc:
+                last = str(exc)
+            time.sleep(1.0)
+        raise TimeoutError(f"TorchServe not ready after {timeout:.0f} s ({last})")
+
+    def metrics(self) -> str:
+        resp = self.session.get(f"{self.metrics_url}/metrics", timeout=self.timeout)
+        resp.raise_for_status()
+        return resp.text
+
+
+def encode_file(path: str | os.PathLike) -> str:
+    """A file's bytes as base64 text, for the JSON `image` / `mask` fields."""
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def save_b64_png(data: str, path: str | os.PathLike) -> Path:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(base64.b64decode(data))
+    return out

@@ -1,0 +1,67 @@
+"""`make demo`: start TorchServe from config.properties, call every served model with the client
+scripts, write the results under outputs/, print where they are, and stop the server.
+"""
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+from clients import classify
+from clients.api import TorchServeClient
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "outputs"
+TORCHSERVE = str(REPO / ".venv" / "bin" / "torchserve")
+
+
+def demo_digits(folder: Path, count: int = 4) -> list[Path]:
+    """A few held-out digits as PNG files, the inputs of the cam demo."""
+    from weights import digits
+
+    folder.mkdir(parents=True, exist_ok=True)
+    images, labels = digits.load_arrays()
+    _, test = digits.split_indices()
+    paths = []
+    for i in test[:count]:
+        path = folder / f"digit-{i}-label{labels[i]}.png"
+        digits.to_pil(images[i], 64).save(path)
+        paths.append(path)
+    return paths
+
+
+def run_clients(models: list[str]) -> list[str]:
+    done = []
+    if "cam" in models:
+        inputs = demo_digits(OUT / "inputs")
+        if classify.main([*map(str, inputs), "--out", str(OUT / "cam"), "--topk", "3"]) != 0:
+            raise SystemExit("cam client failed")
+        done.append(f"cam: CAM overlays in {OUT / 'cam'} (inputs in {OUT / 'inputs'})")
+    for name, module in (("ddpm", "clients.sample"), ("sd15", "clients.generate")):
+        if name in models:
+            done.append(importlib.import_module(module).demo(OUT / name))
+    return done
+
+
+def main() -> int:
+    (REPO / "logs").mkdir(exist_ok=True)
+    with open(REPO / "logs" / "torchserve.out", "wb") as log:
+        subprocess.run([TORCHSERVE, "--start", "--ncs", "--ts-config", "config.properties"],
+                       cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        client = TorchServeClient(key_file=REPO / "key_file.json")
+        described = client.wait_ready(timeout=600)
+        models = sorted({d["modelName"] for d in described})
+        print(f"serving: {', '.join(models)}", flush=True)
+        done = run_clients(models)
+    finally:
+        subprocess.run([TORCHSERVE, "--stop"], cwd=REPO, check=False, stdout=subprocess.DEVNULL)
+    print("\nDemo outputs:")
+    for line in done:
+        print(f"  {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

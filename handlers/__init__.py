@@ -1,0 +1,1 @@
+"""TorchServe handlers: one module per model plus the shared `common` module."""

@@ -1,0 +1,55 @@
+"""Bad requests for the cam model, shared by the in-process and the real-server tests.
+
+Each case: (id, payload as bytes or a JSON-able dict, the field the 400 must name).
+"""
+from __future__ import annotations
+
+import base64
+import io
+
+from PIL import Image
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def good_png() -> bytes:
+    return _png(Image.new("L", (32, 32), 0))
+
+
+def noisy_png() -> bytes:
+    """A 64x64 noise PNG: big enough that cutting it in half keeps the header intact."""
+    return _png(Image.frombytes("L", (64, 64), bytes((i * 7919) % 251 for i in range(64 * 64))))
+
+
+def bomb_png() -> bytes:
+    """A ~30 kB PNG that decodes to 20000 x 20000 = 400 M pixels."""
+    return _png(Image.new("1", (20000, 20000), 0))
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def cam_cases() -> list[tuple[str, bytes | dict, str]]:
+    png = good_png()
+    noisy = noisy_png()
+    return [
+        ("undecodable-bytes", b"this is not an image", "body"),
+        ("truncated-png", noisy[: len(noisy) // 2], "body"),
+        ("decompression-bomb", bomb_png(), "body"),
+        ("bomb-in-json", {"image": b64(bomb_png())}, "image"),
+        ("invalid-base64", {"image": "***not base64***"}, "image"),
+        ("image-wrong-type", {"image": 12345}, "image"),
+        ("image-missing", {"topk": 3}, "image"),
+        ("topk-string", {"image": b64(png), "topk": "5"}, "topk"),
+        ("topk-zero", {"image": b64(png), "topk": 0}, "topk"),
+        ("topk-too-large", {"image": b64(png), "topk": 11}, "topk"),
+        ("topk-float", {"image": b64(png), "topk": 2.5}, "topk"),
+        ("target-out-of-range", {"image": b64(png), "target": 10}, "target"),
+        ("unknown-field", {"image": b64(png), "colour": "red"}, "colour"),
+        ("unknown-method", {"image": b64(png), "method": "magic"}, "method"),
+    ]

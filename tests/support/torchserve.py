@@ -1,0 +1,143 @@
+"""Starts and stops a private TorchServe for tests and benchmarks.
+
+Each instance gets free loopback ports (REST, gRPC, worker sockets), its own working directory
+(key_file.json, logs), its own TMPDIR/TEMP (so instances don't share the pid file or unpacked
+archives) and its own model store holding links to archives built by archive.sh. It is stopped
+(the whole process group) on exit, also when the test fails.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from clients.api import TorchServeClient
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = REPO / ".venv" / "bin"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TorchServeInstance:
+    """`with TorchServeInstance(archives=["cam.mar"]) as ts: ts.client.predict(...)`.
+
+    archives: names of entries in the repo's model_store/ to load at start (linked, not
+    copied); `load_models=all` semantics over that private store. extra: more
+    config.properties lines (override the repo's values).
+    """
+
+    def __init__(self, archives: list[str] | None = None, extra: dict | None = None,
+                 source_store: Path | None = None, startup_timeout: float = 300.0):
+        self.archives = archives or []
+        self.extra = extra or {}
+        self.source_store = Path(source_store or REPO / "model_store")
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen | None = None
+
+    def _config(self) -> str:
+        props = {}
+        for line in (REPO / "config.properties").read_text().splitlines():
+            if line.strip() and not line.lstrip().startswith("#") and "=" in line:
+                key, value = line.split("=", 1)
+                props[key.strip()] = value.strip()
+        self.ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc_i", "grpc_m")}
+        props.update(
+            inference_address=f"http://127.0.0.1:{self.ports['inference']}",
+            management_address=f"http://127.0.0.1:{self.ports['management']}",
+            metrics_address=f"http://127.0.0.1:{self.ports['metrics']}",
+            grpc_inference_port=str(self.ports["grpc_i"]),
+            grpc_management_port=str(self.ports["grpc_m"]),
+            # Worker sockets are numbered from here; spread instances apart.
+            initial_worker_port=str(20000 + (os.getpid() * 37 + self.ports["inference"]) % 20000),
+            model_store=str(self.store),
+            load_models="all" if self.archives else "",
+        )
+        props.update({k: str(v) for k, v in self.extra.items()})
+        return "\n".join(f"{k}={v}" for k, v in props.items() if v != "") + "\n"
+
+    def __enter__(self) -> "TorchServeInstance":
+        self.dir = Path(tempfile.mkdtemp(prefix="ts-instance-"))
+        self.store = self.dir / "model_store"
+        self.tmp = self.dir / "tmp"
+        self.store.mkdir()
+        self.tmp.mkdir()
+        for name in self.archives:
+            src = self.source_store / name
+            if not src.exists():
+                raise FileNotFoundError(f"{src} missing: run ./archive.sh first")
+            (self.store / name).symlink_to(src)
+        (self.dir / "config.properties").write_text(self._config())
+        env = dict(os.environ, TMPDIR=str(self.tmp), TEMP=str(self.tmp), TMP=str(self.tmp),
+                   PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}", PYTHONPATH=str(REPO),
+                   JAVA_TOOL_OPTIONS=f"-Djava.io.tmpdir={self.tmp}")
+        self.log = open(self.dir / "stdout.log", "wb")
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "torchserve"), "--start", "--foreground", "--ncs",
+             "--ts-config", str(self.dir / "config.properties"), "--model-store", str(self.store)],
+            cwd=self.dir, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        try:
+            self._wait_for_keys()
+            self.client = self.make_client()
+            if self.archives:
+                self.client.wait_ready(timeout=self.startup_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_for_keys(self) -> None:
+        deadline = time.monotonic() + 120
+        while not (self.dir / "key_file.json").is_file():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"TorchServe exited with {self.proc.returncode}:\n{self.output()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"TorchServe did not start:\n{self.output()}")
+            time.sleep(0.2)
+        time.sleep(0.5)  # the file is written before the listeners are bound
+
+    def make_client(self, **kwargs) -> TorchServeClient:
+        return TorchServeClient(
+            inference_url=self.url("inference"), management_url=self.url("management"),
+            metrics_url=self.url("metrics"), key_file=self.dir / "key_file.json", **kwargs,
+        )
+
+    def url(self, api: str) -> str:
+        return f"http://127.0.0.1:{self.ports[api]}"
+
+    def output(self, tail: int = 4000) -> str:
+        text = (self.dir / "stdout.log").read_text(errors="replace") if (self.dir / "stdout.log").exists() else ""
+        return text[-tail:]
+
+    def model_log(self) -> str:
+        path = self.dir / "logs" / "model_log.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=10)
+        if getattr(self, "log", None):
+            self.log.close()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        if not os.environ.get("KEEP_TS_DIRS"):
+            shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,77 @@
+"""Makes sure every model has a weights directory for a profile (what `make weights` runs).
+
+demo: builds what is missing under weights/demo/ (cam is trained, sd15 is generated; the ddpm
+demo weights are committed because training takes ~15 minutes, see weights/train_ddpm_demo.py).
+pretrained: prepares weights/pretrained/ from local files (cam: the torchvision ResNet-50 file),
+or for the diffusion models checks the directory given by DDPM_WEIGHTS / SD15_WEIGHTS (or under
+weights/pretrained/), downloading from the hub only when HF_HUB_OFFLINE is not set.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+HUB_REPOS = {"ddpm": "google/ddpm-cifar10-32", "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+
+
+def build_demo(model: str, out: Path) -> None:
+    if model == "cam":
+        from weights import build_cam_demo
+
+        build_cam_demo.main(["--out", str(out)])
+    elif model == "sd15":
+        from weights import build_sd15_demo
+
+        build_sd15_demo.main(["--out", str(out)])
+    else:
+        raise SystemExit(f"{out} is missing: the ddpm demo weights are committed; restore them with "
+                         "'git checkout weights/demo/ddpm' or retrain with 'python -m weights.train_ddpm_demo'")
+
+
+def prepare_pretrained(model: str, out: Path) -> None:
+    if model == "cam":
+        from weights import prepare_cam_pretrained
+
+        prepare_cam_pretrained.main(["--out", str(out)])
+        return
+    local = os.environ.get(f"{model.upper()}_WEIGHTS")
+    if local:
+        if not Path(local, "model_index.json").is_file():
+            raise SystemExit(f"{model.upper()}_WEIGHTS={local} is not a diffusers pipeline directory "
+                             "(no model_index.json)")
+        return  # archive.sh reads it from there
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        raise SystemExit(
+            f"no pretrained {model} weights: put a diffusers directory (e.g. a download of "
+            f"{HUB_REPOS[model]}) at {out} or set {model.upper()}_WEIGHTS=/path; or, on a machine "
+            "with network, run with HF_HUB_OFFLINE=0 to download it"
+        )
+    from diffusers import DiffusionPipeline
+
+    print(f"downloading {HUB_REPOS[model]} -> {out}", flush=True)
+    DiffusionPipeline.from_pretrained(HUB_REPOS[model]).save_pretrained(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", choices=("demo", "pretrained"), default="demo")
+    parser.add_argument("models", nargs="*", default=["cam", "ddpm", "sd15"])
+    args = parser.parse_args(argv)
+    for model in args.models:
+        out = ROOT / args.profile / model
+        marker = "cam_config.json" if model == "cam" else "model_index.json"
+        if (out / marker).is_file():
+            print(f"weights: {out} present")
+            continue
+        if args.profile == "demo":
+            build_demo(model, out)
+        else:
+            prepare_pretrained(model, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
