@@ -75,8 +75,9 @@ def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
 
 
 def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(B, h, w) -> (B, H, W), bilinear with half-pixel centres (as cv2.resize does)."""
-    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    """(B, h, w) -> (B, H, W) in [0, 1]: bilinear with half-pixel centres (as cv2.resize does),
+    then normalised again, which is what pytorch-grad-cam returns for one target layer."""
+    return normalise_maps(F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0])
 
 
 class CamHandler(BatchedHandler):
@@ -120,6 +121,9 @@ class CamHandler(BatchedHandler):
         self.extractor = create_feature_extractor(
             self.model, return_nodes={self.target_layer: "features", cfg.get("classifier_layer", "fc"): "logits"}
         )
+        with torch.inference_mode():
+            probe = torch.zeros(1, 3, int(cfg["input_size"]), int(cfg["input_size"]), device=self.device)
+            self.map_size = tuple(self.extractor(probe)["features"].shape[-2:])
         self.grayscale = bool(cfg.get("grayscale", False))
         self.crop = v2.Compose([v2.Resize(int(cfg["resize"])), v2.CenterCrop(int(cfg["input_size"]))])
         self.to_tensor = v2.Compose(
@@ -172,17 +176,14 @@ class CamHandler(BatchedHandler):
         chosen = torch.tensor([t if t is not None else int(p.argmax()) for t, p in zip(targets, probs)])
         layer = self.model.get_submodule(self.target_layer)
         with GRAD_CAM_METHODS[method](model=self.model, target_layers=[layer]) as explainer:
-            full = explainer(
+            # The library resizes its maps to this size; asking for the feature resolution
+            # yields the coarse maps themselves, upsampled below like the fast path's.
+            explainer.get_target_width_height = lambda _input: (self.map_size[1], self.map_size[0])
+            coarse = explainer(
                 input_tensor=batch.to(self.device),
                 targets=[ClassifierOutputTarget(int(t)) for t in chosen],
             )
-        # pytorch-grad-cam returns maps at input size; the coarse map is read off at the
-        # feature resolution so both methods answer with the same shape.
-        with torch.inference_mode():
-            h, w = self.extractor(batch[:1].to(self.device))["features"].shape[-2:]
-        full_t = torch.from_numpy(np.asarray(full, dtype=np.float32))
-        coarse = F.adaptive_avg_pool2d(full_t[:, None], (h, w))[:, 0]
-        return probs, chosen.to(self.device), normalise_maps(coarse)
+        return probs, chosen.to(self.device), torch.from_numpy(np.asarray(coarse, dtype=np.float32))
 
     def run_group(self, reqs: list[dict]) -> list[Outcome]:
         batch = torch.stack([r["tensor"] for r in reqs])
@@ -192,7 +193,7 @@ class CamHandler(BatchedHandler):
             probs, chosen, maps = self.fast_cam(batch, targets)
         else:
             probs, chosen, maps = self.library_cam(batch, targets, method)
-        full = upsample_maps(maps, tuple(batch.shape[-2:])).clamp(0, 1).cpu().numpy()
+        full = upsample_maps(maps, tuple(batch.shape[-2:])).cpu().numpy()
         return [
             self.respond(req, probs[i].cpu(), int(chosen[i]), maps[i].cpu(), full[i])
             for i, req in enumerate(reqs)

@@ -16,17 +16,16 @@ from PIL import Image
 
 from tests.conftest import png_bytes
 from tests.support.bad_inputs import b64, cam_cases
-from tests.support.torchserve import REPO, TorchServeInstance
+from tests.support.torchserve import TorchServeInstance
 from weights import digits
 
 BATCH = 8
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    store = tmp_path_factory.mktemp("store")
-    (store / "cam.mar").symlink_to(REPO / "model_store" / "cam.mar")
-    with TorchServeInstance(source_store=store) as ts:
+def server():
+    with TorchServeInstance(archives=["cam.mar"], load_at_start=False) as ts:
+        assert ts.client.list_models() == []
         ts.client.register("cam.mar", batch_size=BATCH, max_batch_delay=300, initial_workers=1)
         ts.client.wait_ready(["cam"], timeout=180)
         yield ts

@@ -31,14 +31,17 @@ def free_port() -> int:
 class TorchServeInstance:
     """`with TorchServeInstance(archives=["cam.mar"]) as ts: ts.client.predict(...)`.
 
-    archives: names of entries in the repo's model_store/ to load at start (linked, not
-    copied); `load_models=all` semantics over that private store. extra: more
+    archives: names of entries in the repo's model_store/ put into the private store (linked,
+    not copied); all of them are loaded at start (`load_models=all`) unless load_at_start is
+    False, in which case the test registers them through the management API. extra: more
     config.properties lines (override the repo's values).
     """
 
     def __init__(self, archives: list[str] | None = None, extra: dict | None = None,
-                 source_store: Path | None = None, startup_timeout: float = 300.0):
+                 source_store: Path | None = None, startup_timeout: float = 300.0,
+                 load_at_start: bool = True):
         self.archives = archives or []
+        self.load_at_start = load_at_start and bool(self.archives)
         self.extra = extra or {}
         self.source_store = Path(source_store or REPO / "model_store")
         self.startup_timeout = startup_timeout
@@ -60,7 +63,7 @@ class TorchServeInstance:
             # Worker sockets are numbered from here; spread instances apart.
             initial_worker_port=str(20000 + (os.getpid() * 37 + self.ports["inference"]) % 20000),
             model_store=str(self.store),
-            load_models="all" if self.archives else "",
+            load_models="all" if self.load_at_start else "",
         )
         props.update({k: str(v) for k, v in self.extra.items()})
         return "\n".join(f"{k}={v}" for k, v in props.items() if v != "") + "\n"
@@ -89,7 +92,7 @@ class TorchServeInstance:
         try:
             self._wait_for_keys()
             self.client = self.make_client()
-            if self.archives:
+            if self.load_at_start:
                 self.client.wait_ready(timeout=self.startup_timeout)
         except BaseException:
             self.stop()

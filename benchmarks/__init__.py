@@ -1,0 +1,1 @@
+"""Benchmarks (`make bench`): in-process vs. served throughput, latency and cost ratios."""

@@ -1,0 +1,74 @@
+"""`make bench`: runs each model's benchmark and writes benchmarks/results/latest.json + .md.
+
+    python -m benchmarks.run [cam ddpm sd15]
+
+Results of models not run this time are kept from the previous latest.json. Each figure is a
+ratio or a latency measured within one run (this machine is noisy: compare ratios, not times).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODELS = ("cam", "ddpm", "sd15")
+
+
+def write_report(results: dict) -> Path:
+    lines = ["# Benchmark results", "",
+             f"Run {results['meta']['date']} on {results['meta']['machine']} "
+             f"({results['meta']['cpus']} CPUs, torch {results['meta']['torch']}).",
+             "Ratios are measured within one run; absolute times vary with machine load.", ""]
+    for model in MODELS:
+        if model not in results:
+            continue
+        lines += [f"## {model}", "", "| metric | value | goal |", "|---|---|---|"]
+        goals = results[model].get("goals", {})
+        for key, value in results[model].items():
+            if key in ("goals", "notes"):
+                continue
+            lines.append(f"| {key} | {json.dumps(value)} | {goals.get(key, '')} |")
+        for note in results[model].get("notes", []):
+            lines += ["", f"- {note}"]
+        lines.append("")
+    path = RESULTS / "latest.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="*", default=list(MODELS))
+    args = parser.parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    latest = RESULTS / "latest.json"
+    results = json.loads(latest.read_text()) if latest.exists() else {}
+    results["meta"] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": platform.machine(),
+        "cpus": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    for model in args.models:
+        module = f"benchmarks.bench_{model}"
+        if importlib.util.find_spec(module) is None:
+            continue
+        print(f"== benchmark {model}", flush=True)
+        results[model] = importlib.import_module(module).run()
+        latest.write_text(json.dumps(results, indent=2) + "\n")
+    report = write_report(results)
+    print(json.dumps(results, indent=2))
+    print(f"wrote {latest} and {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
