@@ -46,3 +46,20 @@ def cam_handler(tmp_path_factory):
 
     model_dir = unpack(tmp_path_factory.mktemp("cam"), "cam", demo_weights("cam"))
     return load_handler(CamHandler, "cam", model_dir)
+
+
+@pytest.fixture(scope="session")
+def fake_resnet50_file(tmp_path_factory) -> Path:
+    """A randomly initialised ResNet-50 saved under the official torchvision file name (the
+    real ImageNet file cannot be downloaded here; the layout and loading code are the same)."""
+    import torch
+    import torchvision
+
+    from weights import prepare_cam_pretrained
+
+    d = tmp_path_factory.mktemp("hub") / "checkpoints"
+    d.mkdir()
+    path = d / prepare_cam_pretrained.FILENAME
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet50(num_classes=1000).state_dict(), path)
+    return path

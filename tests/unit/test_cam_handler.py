@@ -12,11 +12,11 @@ from PIL import Image
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from handlers.cam import normalise_maps, upsample_maps
-from tests.conftest import png_bytes
+from handlers.cam import CamHandler, normalise_maps, upsample_maps
+from tests.conftest import demo_weights, load_handler, png_bytes, unpack
 from tests.support.bad_inputs import b64, cam_cases
 from tests.support.context import run_batch
-from weights import digits
+from weights import digits, prepare_cam_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +142,28 @@ def test_library_methods_agree_with_fast_path(cam_handler, heldout):
     assert exact["cam"]["target"] == fast["cam"]["target"]
     np.testing.assert_allclose(exact["cam"]["map"], fast["cam"]["map"], atol=1e-4)
     assert plusplus["cam"]["method"] == "gradcam++" and np.array(plusplus["cam"]["map"]).shape == (4, 4)
+
+
+def test_pretrained_layout_loads_with_imagenet_labels(tmp_path, fake_resnet50_file):
+    wdir = tmp_path / "pretrained-cam"
+    assert prepare_cam_pretrained.main(["--out", str(wdir), "--weights-file", str(fake_resnet50_file)]) == 0
+    handler, ctx = load_handler(CamHandler, "cam", unpack(tmp_path / "model", "cam", wdir))
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8))
+    (out,) = run_batch(handler, ctx, [{"body": png_bytes(photo)}])
+    result = json.loads(out)
+    assert ctx.status(0) == 200
+    assert len(result["predictions"]) == 5 and handler.labels[0] == "tench"
+    assert np.array(result["cam"]["map"]).shape == (7, 7)  # ResNet-50 at 224 px
+    overlay = Image.open(io.BytesIO(base64.b64decode(result["cam"]["overlay"])))
+    assert overlay.size == (224, 224)
+
+
+def test_missing_weights_file_is_named(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "cam_config.json").write_text((demo_weights("cam") / "cam_config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_handler(CamHandler, "cam", unpack(tmp_path / "model", "cam", broken))
+    (broken / "model.safetensors").write_bytes(b"corrupt")
+    with pytest.raises(RuntimeError, match="model.safetensors"):
+        load_handler(CamHandler, "cam", unpack(tmp_path / "model2", "cam", broken))

@@ -74,17 +74,6 @@ def test_demo_build_produces_loadable_dir(tmp_path):
     assert leftovers(out.parent) == []
 
 
-@pytest.fixture(scope="module")
-def fake_resnet50_file(tmp_path_factory) -> Path:
-    """A randomly initialised ResNet-50 saved under the official torchvision file name."""
-    d = tmp_path_factory.mktemp("hub") / "checkpoints"
-    d.mkdir()
-    path = d / prepare_cam_pretrained.FILENAME
-    torch.manual_seed(0)
-    torch.save(torchvision.models.resnet50(num_classes=1000).state_dict(), path)
-    return path
-
-
 def test_pretrained_from_weights_file(tmp_path, fake_resnet50_file, capsys):
     out = tmp_path / "pretrained" / "cam"
     assert prepare_cam_pretrained.main(["--out", str(out), "--weights-file", str(fake_resnet50_file)]) == 0
