@@ -53,6 +53,7 @@ def _is_token_refusal(resp: requests.Response) -> bool:
 class Keys:
     inference: str | None = None
     management: str | None = None
+    api: str | None = None  # only for POST /token (key rotation)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None) -> "Keys":
@@ -62,6 +63,7 @@ class Keys:
         return cls(
             inference=(data.get("inference") or {}).get("key"),
             management=(data.get("management") or {}).get("key"),
+            api=(data.get("API") or {}).get("key"),
         )
 
 
@@ -178,6 +180,15 @@ class TorchServeClient:
 
     def unregister(self, model: str, version: str | None = None) -> dict:
         return self._checked("management", "DELETE", f"{self.management_url}/models/{self._path(model, version)}")
+
+    def rotate_key(self, kind: str = "inference") -> None:
+        """Asks the server for a new inference or management key (TorchServe rewrites
+        key_file.json) and reloads the keys. Authorised by the API key of the key file."""
+        resp = self.session.post(f"{self.management_url}/token", params={"type": kind}, timeout=self.timeout,
+                                 headers={"Authorization": f"Bearer {self.keys.api}"})
+        if resp.status_code >= 400:
+            raise ServerError(resp.status_code, _decode(resp), resp.url)
+        self.keys = Keys.load(self.key_file)
 
     def wait_ready(self, models: list[str] | None = None, timeout: float = 300.0) -> list[dict]:
         """Waits until every registered model (or the ones named) has all workers READY."""
