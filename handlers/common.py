@@ -140,15 +140,15 @@ def request_body(row: Any) -> dict | bytes:
             "request arrived as form data; send JSON with 'Content-Type: application/json' "
             "(curl: -H 'Content-Type: application/json') or raw image bytes",
         )
-    if isinstance(value, (dict, list)):
-        if not isinstance(value, dict):
-            raise RequestError("body", f"JSON body must be an object, got {type(value).__name__}")
+    if isinstance(value, dict):
         return value
     if isinstance(value, str):
         value = value.encode("utf-8")
-    if not value:
+    if value is None or (isinstance(value, (bytes, bytearray)) and not value):
         raise RequestError("body", "empty request body")
-    stripped = bytes(value[:1]).lstrip()
+    if not isinstance(value, (bytes, bytearray)):  # JSON that TorchServe decoded to a non-object
+        raise RequestError("body", f"JSON body must be an object, got {type(value).__name__}")
+    stripped = bytes(value[:64]).lstrip()[:1]
     if stripped in (b"{", b"["):
         try:
             decoded = json.loads(bytes(value).decode("utf-8"))
