@@ -80,10 +80,14 @@ class TorchServeInstance:
                 raise FileNotFoundError(f"{src} missing: run ./archive.sh first")
             (self.store / name).symlink_to(src)
         (self.dir / "config.properties").write_text(self._config())
+        self._launch()
+        return self
+
+    def _launch(self) -> None:
         env = dict(os.environ, TMPDIR=str(self.tmp), TEMP=str(self.tmp), TMP=str(self.tmp),
                    PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}", PYTHONPATH=str(REPO),
                    JAVA_TOOL_OPTIONS=f"-Djava.io.tmpdir={self.tmp}")
-        self.log = open(self.dir / "stdout.log", "wb")
+        self.log = open(self.dir / "stdout.log", "ab")
         self.proc = subprocess.Popen(
             [str(VENV_BIN / "torchserve"), "--start", "--foreground", "--ncs",
              "--ts-config", str(self.dir / "config.properties"), "--model-store", str(self.store)],
@@ -97,7 +101,14 @@ class TorchServeInstance:
         except BaseException:
             self.stop()
             raise
-        return self
+
+    def restart(self) -> None:
+        """Stops the whole server and starts it again on the same config, store and ports."""
+        self.stop()
+        (self.dir / "key_file.json").unlink(missing_ok=True)
+        # A killed server leaves its pid file behind and `torchserve --start` would refuse.
+        (self.tmp / ".model_server.pid").unlink(missing_ok=True)
+        self._launch()
 
     def _wait_for_keys(self) -> None:
         deadline = time.monotonic() + 120
