@@ -5,7 +5,7 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE ?= 1
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help setup weights archive start stop demo test test-unit test-integration bench clean
+.PHONY: help setup weights archive start stop demo test test-unit test-integration bench reliability clean
 
 help:
 	@echo "make setup                    create .venv with the pinned requirements (checks Java 17)"
@@ -15,6 +15,7 @@ help:
 	@echo "make demo                     everything on a fresh machine; outputs in outputs/"
 	@echo "make test                     unit + integration tests (offline, starts its own TorchServe)"
 	@echo "make bench                    benchmarks -> benchmarks/results/latest.{json,md}"
+	@echo "make reliability              load + faults + bad input -> docs/RELIABILITY.md"
 
 .venv/.installed: requirements.txt
 	@command -v java >/dev/null 2>&1 || { echo "Java 17 is required by TorchServe and was not found. Install it: 'sudo apt-get install openjdk-17-jre-headless' (Debian/Ubuntu), 'brew install openjdk@17' (macOS)"; exit 1; }
@@ -54,6 +55,9 @@ test-integration: archive
 
 bench: archive
 	$(PY) -m benchmarks.run
+
+reliability: archive
+	$(PY) -m benchmarks.reliability
 
 clean:
 	rm -rf model_store/*.mar model_store/sd15 model_store/.*.fingerprint outputs logs
