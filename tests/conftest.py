@@ -63,3 +63,11 @@ def fake_resnet50_file(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     torch.save(torchvision.models.resnet50(num_classes=1000).state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def ddpm_handler(tmp_path_factory):
+    from handlers.ddpm import DdpmHandler
+
+    model_dir = unpack(tmp_path_factory.mktemp("ddpm"), "ddpm", demo_weights("ddpm"))
+    return load_handler(DdpmHandler, "ddpm", model_dir)

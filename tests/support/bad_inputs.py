@@ -53,3 +53,23 @@ def cam_cases() -> list[tuple[str, bytes | dict, str]]:
         ("unknown-field", {"image": b64(png), "colour": "red"}, "colour"),
         ("unknown-method", {"image": b64(png), "method": "magic"}, "method"),
     ]
+
+
+def ddpm_cases() -> list[tuple[str, bytes | dict, str]]:
+    return [
+        ("steps-zero", {"steps": 0}, "steps"),
+        ("steps-too-many", {"steps": 1001}, "steps"),
+        ("num-images-zero", {"num_images": 0}, "num_images"),
+        ("num-images-too-many", {"num_images": 17}, "num_images"),
+        ("eta-negative", {"eta": -0.1}, "eta"),
+        ("eta-too-big", {"eta": 1.5}, "eta"),
+        ("eta-with-ddpm", {"scheduler": "ddpm", "eta": 0.5, "steps": 5}, "eta"),
+        ("unknown-scheduler", {"scheduler": "euler"}, "scheduler"),
+        ("seed-float", {"seed": 1.5}, "seed"),
+        ("seed-string", {"seed": "42"}, "seed"),
+        ("seed-negative", {"seed": -1}, "seed"),
+        ("unknown-field", {"prompt": "a cat"}, "prompt"),
+        ("not-json", b"\x89PNG not json", "body"),
+        ("json-array", b"[1, 2]", "body"),
+        ("over-time-budget", {"steps": 1000, "num_images": 16}, "steps"),
+    ]

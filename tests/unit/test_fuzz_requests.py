@@ -39,3 +39,15 @@ def assert_clean(handler, ctx, body) -> None:
 def test_cam_parsing_never_crashes(cam_handler, body):
     handler, ctx = cam_handler
     assert_clean(handler, ctx, body)
+
+
+@FUZZ
+@given(body=bodies(["num_images", "steps", "scheduler", "eta", "seed", "trajectory"]))
+def test_ddpm_parsing_never_crashes(ddpm_handler, body):
+    handler, ctx = ddpm_handler
+    # Valid requests would sample; keep them cheap by capping what a fuzzed request may ask.
+    if isinstance(body, dict) and isinstance(body.get("steps"), int) and not isinstance(body.get("steps"), bool):
+        body = {**body, "steps": min(max(body["steps"], -5), 3)}
+    if isinstance(body, dict) and isinstance(body.get("num_images"), int) and not isinstance(body.get("num_images"), bool):
+        body = {**body, "num_images": min(body["num_images"], 2)}
+    assert_clean(handler, ctx, body)

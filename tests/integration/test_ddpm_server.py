@@ -1,0 +1,68 @@
+"""The ddpm archive built by archive.sh, served by a real TorchServe the test starts itself."""
+from __future__ import annotations
+
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.support.bad_inputs import ddpm_cases
+from tests.support.torchserve import TorchServeInstance
+from tests.support.traffic import worker_pids
+
+
+@pytest.fixture(scope="module")
+def server():
+    with TorchServeInstance(archives=["ddpm.mar"], load_at_start=False) as ts:
+        ts.client.register("ddpm.mar", batch_size=8, max_batch_delay=300)
+        ts.client.wait_ready(["ddpm"], timeout=180)
+        yield ts
+
+
+def decode(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))), dtype=int)
+
+
+@pytest.mark.parametrize("case", ddpm_cases(), ids=lambda c: c[0])
+def test_bad_input_gets_400_and_worker_survives(server, case):
+    _, payload, field = case
+    pids = worker_pids(server.client, "ddpm")
+    resp = server.client.predict_raw("ddpm", payload)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["field"] == field
+    assert worker_pids(server.client, "ddpm") == pids
+
+
+def test_seeded_request_same_alone_and_batched(server):
+    req = {"steps": 10, "seed": 2024, "num_images": 2}
+    alone = server.client.predict("ddpm", req)
+    others = [{"steps": 10, "seed": s} for s in range(7)]
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda p: server.client.predict_raw("ddpm", p), [req, *others]))
+    assert [r.status_code for r in responses] == [200] * 8
+    assert int(responses[0].headers["X-Batch-Size"]) > 1
+    for a, b in zip(alone["images"], responses[0].json()["images"]):
+        assert np.abs(decode(a) - decode(b)).max() <= 1
+
+
+def test_mixed_parameters_in_one_batch(server):
+    payloads = [{"steps": 4, "seed": 1}, {"steps": 6, "scheduler": "ddpm", "seed": 2},
+                {"steps": 5, "eta": 0.5, "seed": 3}, {"steps": 4, "seed": 4, "num_images": 3},
+                {"steps": 1001}]
+    with ThreadPoolExecutor(len(payloads)) as pool:
+        responses = list(pool.map(lambda p: server.client.predict_raw("ddpm", p), payloads))
+    assert [r.status_code for r in responses] == [200, 200, 200, 200, 400]
+    assert max(int(r.headers["X-Batch-Size"]) for r in responses) > 1
+    body = responses[3].json()
+    assert len(body["images"]) == 3 and body["steps"] == 4 and body["scheduler"] == "ddim"
+
+
+def test_png_and_trajectory(server):
+    raw = server.client.predict_raw("ddpm", {"steps": 3, "seed": 0}, accept="image/png")
+    assert raw.status_code == 200 and raw.headers["content-type"] == "image/png"
+    traj = server.client.predict("ddpm", {"steps": 20, "seed": 0, "trajectory": True})
+    gif = Image.open(io.BytesIO(base64.b64decode(traj["trajectory"])))
+    assert gif.n_frames >= 5
