@@ -263,6 +263,13 @@ def select_device(context, config: dict) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
+def timeout_budget(context, config: dict, rate_key: str) -> float:
+    """Work units a batch may hold: the config's measured rate (units/s) x the model's
+    responseTimeout x a safety margin (`timeout_margin`, default 0.7)."""
+    timeout_s = float((getattr(context, "model_yaml_config", None) or {}).get("responseTimeout", 120))
+    return float(config.get(rate_key, math.inf)) * timeout_s * float(config.get("timeout_margin", 0.7))
+
+
 def model_dir(context) -> str:
     return context.system_properties["model_dir"]
 
@@ -306,7 +313,14 @@ class BatchedHandler(BaseHandler):
     (requests with equal keys share one forward pass) and `run_group(reqs)` (returns one
     Outcome-compatible response per request). This class keeps the batch order, turns errors
     into 400s for their request only, and reports the batch size in an `X-Batch-Size` header.
+
+    Time budget: a handler whose requests vary in cost sets `budget` (work units a batch may
+    take on within TorchServe's responseTimeout, see `timeout_budget`) and `cost(req)`. A
+    request that alone exceeds it is refused in parse (`check_cost`); requests that would push
+    the batch past it get 503 (clients retry), so TorchServe never kills a worker for a slow batch.
     """
+
+    budget: float = math.inf
 
     def preprocess(self, data: list) -> list:
         parsed = []
@@ -317,7 +331,22 @@ class BatchedHandler(BaseHandler):
                 parsed.append(err)
         return parsed
 
+    def cost(self, req: Any) -> float:
+        return 0.0
+
+    def check_cost(self, req: Any, field: str, what: str) -> None:
+        if self.cost(req) > self.budget:
+            raise RequestError(field, f"{what} cannot finish within this server's response timeout "
+                                      f"(at most {self.budget:.0f} work units per batch on this target; this "
+                                      f"request needs {self.cost(req):.0f}); lower '{field}'")
+
     def inference(self, parsed: list, *args, **kwargs) -> list[Outcome]:
+        spent = 0.0
+        for i, req in enumerate(parsed):
+            if not isinstance(req, RequestError):
+                spent += self.cost(req)
+                if spent > self.budget:
+                    parsed[i] = RequestError(None, "server busy: this batch is at its time budget; retry", 503)
         outcomes = [Outcome(error=p) if isinstance(p, RequestError) else None for p in parsed]
         valid = [i for i, p in enumerate(parsed) if not isinstance(p, RequestError)]
         groups = group_by([parsed[i] for i in valid], self.group_key)
@@ -342,7 +371,7 @@ class BatchedHandler(BaseHandler):
             for key, value in oc.headers.items():
                 self.context.set_response_header(idx, key, value)
             if oc.error is not None:
-                phrase = "Bad Request" if oc.error.status == 400 else "Internal Server Error"
+                phrase = {400: "Bad Request", 503: "Service Unavailable"}.get(oc.error.status, "Internal Server Error")
                 self.context.set_response_status(oc.error.status, phrase, idx)
                 self.context.set_response_content_type(idx, JSON_TYPE)
                 out.append(json.dumps(oc.error.body()))

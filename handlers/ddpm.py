@@ -32,6 +32,7 @@ from handlers.common import (
     resolve_seed,
     select_device,
     tensor_to_pil,
+    timeout_budget,
     wants_png,
     weights_dir,
 )
@@ -60,11 +61,7 @@ class DdpmHandler(BatchedHandler):
         train_steps = int(self.scheduler_config["num_train_timesteps"])
         self.max_steps = min(int(self.config.get("max_steps", train_steps)), train_steps)
         self.max_images = int(self.config.get("max_num_images", 16))
-        # Work budget: image-steps the worker can do within responseTimeout, with a margin.
-        # A batch never takes on more, so TorchServe never kills a worker for a slow batch.
-        timeout_s = float((context.model_yaml_config or {}).get("responseTimeout", 120))
-        rate = float(self.config.get("image_steps_per_second", 100))
-        self.budget = rate * timeout_s * float(self.config.get("timeout_margin", 0.7))
+        self.budget = timeout_budget(context, self.config, "image_steps_per_second")
         self.spec = {
             "num_images": Param(int, 1, minimum=1, maximum=self.max_images),
             "steps": Param(int, 50, minimum=1, maximum=self.max_steps),
@@ -84,14 +81,8 @@ class DdpmHandler(BatchedHandler):
             raise RequestError("eta", "'eta' applies to the ddim scheduler only (ddpm always adds noise)")
         if params["scheduler"] == "ddim" and params["eta"] is None:
             params["eta"] = 0.0
-        cost = params["steps"] * params["num_images"]
-        if cost > self.budget:
-            field = "steps" if params["steps"] > params["num_images"] else "num_images"
-            raise RequestError(
-                field,
-                f"steps x num_images = {cost} image-steps cannot finish within this server's "
-                f"response timeout (at most {int(self.budget)} on this target); lower 'steps' or 'num_images'",
-            )
+        field = "steps" if params["steps"] > params["num_images"] else "num_images"
+        self.check_cost(params, field, f"steps x num_images = {params['steps'] * params['num_images']} image-steps")
         params["seed"] = resolve_seed(params["seed"])
         params["png"] = wants_png(self.context, idx) and params["num_images"] == 1
         return params
@@ -99,17 +90,8 @@ class DdpmHandler(BatchedHandler):
     def group_key(self, req: dict):
         return req["scheduler"], req["steps"], req["eta"]
 
-    def inference(self, parsed: list, *args, **kwargs):
-        # Requests beyond the batch's time budget are turned away with 503 (clients retry),
-        # the rest of the batch runs.
-        spent = 0
-        for i, req in enumerate(parsed):
-            if isinstance(req, RequestError):
-                continue
-            spent += req["steps"] * req["num_images"]
-            if spent > self.budget:
-                parsed[i] = RequestError(None, "server busy: this batch is at its time budget; retry", status=503)
-        return super().inference(parsed, *args, **kwargs)
+    def cost(self, req: dict) -> float:
+        return req["steps"] * req["num_images"]
 
     # inference ----------------------------------------------------------------------------
     def sample(self, reqs: list[dict]) -> tuple[torch.Tensor, list[list]]:
