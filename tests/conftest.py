@@ -71,3 +71,11 @@ def ddpm_handler(tmp_path_factory):
 
     model_dir = unpack(tmp_path_factory.mktemp("ddpm"), "ddpm", demo_weights("ddpm"))
     return load_handler(DdpmHandler, "ddpm", model_dir)
+
+
+@pytest.fixture(scope="session")
+def sd15_handler(tmp_path_factory):
+    from handlers.sd15 import Sd15Handler
+
+    model_dir = unpack(tmp_path_factory.mktemp("sd15"), "sd15", demo_weights("sd15"))
+    return load_handler(Sd15Handler, "sd15", model_dir)

@@ -73,3 +73,28 @@ def ddpm_cases() -> list[tuple[str, bytes | dict, str]]:
         ("json-array", b"[1, 2]", "body"),
         ("over-time-budget", {"steps": 1000, "num_images": 16}, "steps"),
     ]
+
+
+def sd15_cases() -> list[tuple[str, bytes | dict, str]]:
+    png = b64(noisy_png())  # 64x64
+    small_mask = b64(_png(Image.new("L", (32, 32), 255)))
+    base = {"prompt": "a lighthouse at dusk", "steps": 2, "width": 64, "height": 64}
+    return [
+        ("prompt-missing", {"steps": 2}, "prompt"),
+        ("prompt-not-string", {**base, "prompt": ["a", "b"]}, "prompt"),
+        ("width-not-multiple-of-8", {**base, "width": 100}, "width"),
+        ("height-too-small", {**base, "height": 32}, "height"),
+        ("width-too-large", {**base, "width": 4096}, "width"),
+        ("steps-zero", {**base, "steps": 0}, "steps"),
+        ("steps-too-many", {**base, "steps": 10000}, "steps"),
+        ("guidance-negative", {**base, "guidance_scale": -1}, "guidance_scale"),
+        ("guidance-too-large", {**base, "guidance_scale": 100}, "guidance_scale"),
+        ("image-undecodable", {**base, "image": b64(b"not an image")}, "image"),
+        ("mask-size-mismatch", {**base, "image": png, "mask": small_mask}, "mask"),
+        ("mask-without-image", {**base, "mask": small_mask}, "mask"),
+        ("strength-zero", {**base, "image": png, "strength": 0}, "strength"),
+        ("strength-above-one", {**base, "image": png, "strength": 1.5}, "strength"),
+        ("unknown-field", {**base, "cfg": 7}, "cfg"),
+        ("unknown-scheduler", {**base, "scheduler": "lms"}, "scheduler"),
+        ("over-time-budget", {**base, "width": 1024, "height": 1024, "steps": 100, "num_images": 4}, "steps"),
+    ]

@@ -1,0 +1,160 @@
+"""The sd15 handler in-process on the demo pipeline: seeds, batching, img2img, inpainting,
+one set of components, prompt truncation, bad input."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.support.bad_inputs import b64, sd15_cases
+from tests.support.context import run_batch
+
+BASE = {"prompt": "a lighthouse at dusk", "steps": 3, "width": 64, "height": 64}
+
+
+def pixels(b64_png: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64_png))), dtype=int)
+
+
+def gradient_png(size=64) -> bytes:
+    x = np.linspace(0, 255, size, dtype=np.uint8)
+    img = np.stack([np.tile(x, (size, 1)), np.tile(x[:, None], (1, size)), np.full((size, size), 128, np.uint8)], -1)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_one_set_of_components(sd15_handler):
+    handler, _ = sd15_handler
+    base = handler.pipes["txt2img"]
+    for mode in ("img2img", "inpaint"):
+        pipe = handler.pipes[mode]
+        assert pipe.unet is base.unet and pipe.vae is base.vae and pipe.text_encoder is base.text_encoder
+
+
+def test_same_seed_same_png(sd15_handler):
+    handler, ctx = sd15_handler
+    req = {"body": {**BASE, "seed": 11}}
+    a, b, c = run_batch(handler, ctx, [req, req, {"body": {**BASE, "seed": 12}}])
+    assert json.loads(a)["images"] == json.loads(b)["images"]
+    assert json.loads(a)["images"] != json.loads(c)["images"]
+    body = json.loads(a)
+    assert body["seed"] == 11 and body["mode"] == "txt2img" and body["width"] == 64
+    assert any("smoke-test" in w for w in body["warnings"])
+
+
+def test_batch_of_four_equals_four_single_calls(sd15_handler):
+    handler, ctx = sd15_handler
+    reqs = [{"body": {**BASE, "seed": s, "prompt": p}} for s, p in
+            [(1, "a cat"), (2, "a dog"), (3, "a tree"), (4, "a boat")]]
+    reqs[2]["body"]["num_images"] = 2
+    batched = run_batch(handler, ctx, reqs)
+    assert [ctx.status(i) for i in range(4)] == [200] * 4
+    assert ctx.get_response_headers(0)["X-Batch-Size"] == "4"
+    for req, out in zip(reqs, batched):
+        (single,) = run_batch(handler, ctx, [req])
+        for a, b in zip(json.loads(out)["images"], json.loads(single)["images"]):
+            assert np.abs(pixels(a) - pixels(b)).max() <= 1
+    assert len(json.loads(batched[2])["images"]) == 2
+
+
+def test_every_scheduler_runs(sd15_handler):
+    handler, ctx = sd15_handler
+    reqs = [{"body": {**BASE, "seed": 0, "scheduler": s}} for s in ("pndm", "ddim", "euler", "dpm++")]
+    outs = run_batch(handler, ctx, reqs)
+    assert [ctx.status(i) for i in range(4)] == [200] * 4
+    assert [json.loads(o)["scheduler"] for o in outs] == ["pndm", "ddim", "euler", "dpm++"]
+
+
+def test_accept_png(sd15_handler):
+    handler, ctx = sd15_handler
+    (png,) = run_batch(handler, ctx, [{"body": {**BASE, "seed": 1}}], headers=[{"Accept": "image/png"}])
+    assert ctx.get_response_content_type(0) == "image/png"
+    assert Image.open(io.BytesIO(png)).size == (64, 64)
+
+
+def test_img2img_and_size_from_image(sd15_handler):
+    handler, ctx = sd15_handler
+    src = gradient_png(64)
+    (out,) = run_batch(handler, ctx, [{"body": {"prompt": "x", "steps": 4, "image": b64(src), "strength": 0.5, "seed": 0}}])
+    body = json.loads(out)
+    assert ctx.status(0) == 200 and body["mode"] == "img2img" and body["strength"] == 0.5
+    assert (body["width"], body["height"]) == (64, 64)
+
+
+def test_inpainting_keeps_pixels_outside_the_mask(sd15_handler):
+    handler, ctx = sd15_handler
+    src = gradient_png(64)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255  # repaint the centre only
+    buf = io.BytesIO()
+    Image.fromarray(mask).save(buf, format="PNG")
+    (out,) = run_batch(handler, ctx, [{"body": {"prompt": "x", "steps": 4, "image": b64(src), "mask": b64(buf.getvalue()),
+                                                "seed": 0}}])
+    body = json.loads(out)
+    assert ctx.status(0) == 200 and body["mode"] == "inpaint"
+    result = pixels(body["images"][0])
+    original = np.asarray(Image.open(io.BytesIO(src)), dtype=int)
+    # Reference tolerance: what the VAE alone does to this image (encode -> decode round trip).
+    pipe = handler.pipes["txt2img"]
+    with torch.inference_mode():
+        x = torch.from_numpy(original.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+        rt = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample
+    roundtrip = ((rt[0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().numpy().astype(int)
+    outside = mask == 0
+    outside[12:52, 12:52] = False  # the latent grid is 8x coarser: leave a margin around the mask
+    err = np.abs(result - original)[outside].mean()
+    vae_err = np.abs(roundtrip - original)[outside].mean()
+    assert err <= vae_err + 2, (err, vae_err)
+    inside_change = np.abs(result - original)[mask > 0].mean()
+    assert inside_change > err  # the masked part was really repainted
+
+
+def test_long_prompt_is_truncated_with_a_warning(sd15_handler):
+    handler, ctx = sd15_handler
+    (out,) = run_batch(handler, ctx, [{"body": {**BASE, "prompt": "a very long prompt " * 40, "seed": 0}}])
+    assert ctx.status(0) == 200
+    assert any("truncated" in w and "'prompt'" in w for w in json.loads(out)["warnings"])
+
+
+@pytest.mark.parametrize("case", sd15_cases(), ids=lambda c: c[0])
+def test_bad_input_fails_alone(sd15_handler, case):
+    handler, ctx = sd15_handler
+    _, payload, field = case
+    good = {"body": {**BASE, "steps": 2, "seed": 0}}
+    outs = run_batch(handler, ctx, [good, {"body": payload}, good])
+    assert ctx.status(1) == 400, outs[1]
+    assert json.loads(outs[1])["field"] == field
+    assert ctx.status(0) == ctx.status(2) == 200 and outs[0] == outs[2]
+
+
+def test_flagged_images_are_reported_not_blacked_out(sd15_handler):
+    """A real (tiny, random) diffusers safety checker, tuned so it flags everything."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    handler, ctx = sd15_handler
+    config = CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
+                                     "num_hidden_layers": 2},
+                        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
+                                       "num_hidden_layers": 2, "image_size": 32, "patch_size": 4},
+                        projection_dim=32)
+    checker = StableDiffusionSafetyChecker(config).eval()
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(-1.0)  # every cosine similarity is above threshold
+    pipe = handler.pipes["txt2img"]
+    saved = handler.safety_checker, pipe.feature_extractor
+    handler.safety_checker, pipe.feature_extractor = checker, CLIPImageProcessor(size=32, crop_size=32)
+    try:
+        (out,) = run_batch(handler, ctx, [{"body": {**BASE, "seed": 0, "num_images": 2}}])
+    finally:
+        handler.safety_checker, pipe.feature_extractor = saved
+    body = json.loads(out)
+    assert ctx.status(0) == 200
+    assert body["nsfw"] == [True, True] and body["images"] == [None, None]
+    assert any("flagged" in w for w in body["warnings"])
