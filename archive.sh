@@ -102,7 +102,9 @@ for m in "${models[@]}"; do
   trap 'rm -rf "$work"' EXIT
   mkdir -p "$work/extra/handlers" "$work/out" "$work/tmp"
   cp "$here"/handlers/*.py "$work/extra/handlers/"
-  ln -s "$(cd "$wdir" && pwd)" "$work/extra/weights"  # the archiver copies through the link
+  # The archiver copies its inputs twice for no-archive (to a temp dir, then to the output):
+  # for GBs of weights, give it only the code and copy the weights into its output once.
+  [ "$format" = "no-archive" ] || ln -s "$(cd "$wdir" && pwd)" "$work/extra/weights"
   echo "archive.sh: building $mname ($m, profile $profile, target $target, version $version, format $format) from $wdir"
   start=$(date +%s.%N)
   TMPDIR="$work/tmp" "$archiver" --model-name "$mname" --version "$version" \
@@ -110,6 +112,9 @@ for m in "${models[@]}"; do
     --config-file "$config" --archive-format "$format" --export-path "$work/out" \
     || die "torch-model-archiver failed for $mname"
   built="$work/out/$mname"; [ "$format" = "no-archive" ] || built="$built.mar"
+  if [ "$format" = "no-archive" ]; then
+    cp -r --reflink=auto "$wdir/." "$built/weights" || die "copying the weights of $mname failed"
+  fi
   rm -rf "$out" "$stamp"
   mv "$built" "$out"
   echo "$fp" > "$stamp"

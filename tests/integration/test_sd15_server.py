@@ -1,0 +1,56 @@
+"""The sd15 archive (no-archive format, built by archive.sh) in a real TorchServe."""
+from __future__ import annotations
+
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.support.bad_inputs import sd15_cases
+from tests.support.torchserve import TorchServeInstance
+from tests.support.traffic import worker_pids
+
+BASE = {"prompt": "a lighthouse at dusk", "steps": 3, "width": 64, "height": 64}
+
+
+@pytest.fixture(scope="module")
+def server():
+    with TorchServeInstance(archives=["sd15"]) as ts:
+        yield ts
+
+
+@pytest.mark.parametrize("case", sd15_cases(), ids=lambda c: c[0])
+def test_bad_input_gets_400_and_worker_survives(server, case):
+    _, payload, field = case
+    pids = worker_pids(server.client, "sd15")
+    resp = server.client.predict_raw("sd15", payload)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["field"] == field
+    assert worker_pids(server.client, "sd15") == pids
+
+
+def test_seeded_png_same_alone_and_batched(server):
+    req = {**BASE, "seed": 77}
+    alone = server.client.predict_raw("sd15", req, accept="image/png")
+    assert alone.status_code == 200 and alone.headers["content-type"] == "image/png"
+    payloads = [req, {**BASE, "seed": 1, "prompt": "a cat"}, {**BASE, "seed": 2}, {**BASE, "seed": 3}]
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda p: server.client.predict_raw("sd15", p, accept="image/png"), payloads))
+    assert [r.status_code for r in responses] == [200] * 4
+    assert max(int(r.headers["X-Batch-Size"]) for r in responses) > 1
+    a = np.asarray(Image.open(io.BytesIO(alone.content)), dtype=int)
+    b = np.asarray(Image.open(io.BytesIO(responses[0].content)), dtype=int)
+    assert np.abs(a - b).max() <= 1
+
+
+def test_1024_response_fits_the_size_limit(server):
+    resp = server.client.predict_raw("sd15", {**BASE, "width": 1024, "height": 1024, "steps": 1, "seed": 0})
+    assert resp.status_code == 200, resp.text[:300]
+    body = resp.json()
+    assert Image.open(io.BytesIO(base64.b64decode(body["images"][0]))).size == (1024, 1024)
+    limit = int(dict(line.split("=", 1) for line in (server.dir / "config.properties").read_text().splitlines())
+                ["max_response_size"])
+    assert len(resp.content) < limit
