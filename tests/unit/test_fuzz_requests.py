@@ -41,13 +41,30 @@ def test_cam_parsing_never_crashes(cam_handler, body):
     assert_clean(handler, ctx, body)
 
 
+def capped(body, caps: dict):
+    """Valid fuzzed requests would really generate: cap the integer fields that set the cost."""
+    if not isinstance(body, dict):
+        return body
+    out = dict(body)
+    for key, cap in caps.items():
+        if isinstance(out.get(key), int) and not isinstance(out.get(key), bool):
+            out[key] = min(out[key], cap)
+    return out
+
+
 @FUZZ
 @given(body=bodies(["num_images", "steps", "scheduler", "eta", "seed", "trajectory"]))
 def test_ddpm_parsing_never_crashes(ddpm_handler, body):
     handler, ctx = ddpm_handler
-    # Valid requests would sample; keep them cheap by capping what a fuzzed request may ask.
-    if isinstance(body, dict) and isinstance(body.get("steps"), int) and not isinstance(body.get("steps"), bool):
-        body = {**body, "steps": min(max(body["steps"], -5), 3)}
-    if isinstance(body, dict) and isinstance(body.get("num_images"), int) and not isinstance(body.get("num_images"), bool):
-        body = {**body, "num_images": min(body["num_images"], 2)}
+    assert_clean(handler, ctx, capped(body, {"steps": 3, "num_images": 2}))
+
+
+@FUZZ
+@given(body=bodies(["prompt", "negative_prompt", "steps", "guidance_scale", "width", "height", "seed",
+                    "scheduler", "num_images", "image", "strength", "mask"]))
+def test_sd15_parsing_never_crashes(sd15_handler, body):
+    handler, ctx = sd15_handler
+    body = capped(body, {"steps": 2, "num_images": 1, "width": 64, "height": 64})
+    if isinstance(body, dict):  # the default size is 512x512: keep fuzzed generations small
+        body = {"width": 64, "height": 64, **body}
     assert_clean(handler, ctx, body)
