@@ -13,7 +13,10 @@ import threading
 import time
 from pathlib import Path
 
+import torch
 from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+from torchvision.utils import make_grid
 from tqdm import tqdm
 
 from clients.api import ServerError, TorchServeClient, save_b64_png
@@ -42,13 +45,11 @@ def with_progress(label: str, call):
 
 
 def grid(images: list[Image.Image], scale: int = 4) -> Image.Image:
-    cols = max(1, int(len(images) ** 0.5 + 0.999))
-    rows = (len(images) + cols - 1) // cols
-    w, h = images[0].size
-    sheet = Image.new(images[0].mode, (cols * w, rows * h))
-    for i, img in enumerate(images):
-        sheet.paste(img, ((i % cols) * w, (i // cols) * h))
-    return sheet.resize((sheet.width * scale, sheet.height * scale), resample=Image.NEAREST)
+    """A grid of the samples with a thin border, enlarged so tiny samples are visible."""
+    tensors = torch.stack([pil_to_tensor(img.convert("RGB")) for img in images])
+    sheet = make_grid(tensors, nrow=max(1, round(len(images) ** 0.5)), padding=1, pad_value=96)
+    img = to_pil_image(sheet)
+    return img.resize((img.width * scale, img.height * scale), resample=Image.NEAREST)
 
 
 def sample(client: TorchServeClient, out: Path, num_images: int, steps: int, scheduler: str,
