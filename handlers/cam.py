@@ -40,13 +40,10 @@ from handlers.common import (
     b64_png,
     decode_image,
     encode_png,
-    handler_config,
     header,
     parse_params,
     request_body,
-    select_device,
     wants_png,
-    weights_dir,
 )
 
 logger = logging.getLogger(__name__)
@@ -84,10 +81,7 @@ class CamHandler(BatchedHandler):
     """Top-k classification plus a class activation map, batched."""
 
     def initialize(self, context):
-        self.context = context
-        self.config = handler_config(context)
-        self.device, _ = select_device(context, self.config)
-        wdir = weights_dir(context)
+        wdir = self.prepare(context)
         self.load_weights(wdir)
         self.max_pixels = int(self.config.get("max_image_pixels", DEFAULT_MAX_PIXELS))
         self.spec = {

@@ -322,6 +322,14 @@ class BatchedHandler(BaseHandler):
 
     budget: float = math.inf
 
+    def prepare(self, context) -> str:
+        """Keeps the context, reads the config's `handler:` section, picks device and dtype;
+        returns the archive's weights directory. Every initialize() starts with it."""
+        self.context = context
+        self.config = handler_config(context)
+        self.device, self.dtype = select_device(context, self.config)
+        return weights_dir(context)
+
     def preprocess(self, data: list) -> list:
         parsed = []
         for idx, row in enumerate(data):

@@ -26,15 +26,12 @@ from handlers.common import (
     RequestError,
     b64_png,
     encode_png,
-    handler_config,
     json_body,
     parse_params,
     resolve_seed,
-    select_device,
     tensor_to_pil,
     timeout_budget,
     wants_png,
-    weights_dir,
 )
 
 logger = logging.getLogger(__name__)
@@ -47,10 +44,7 @@ class DdpmHandler(BatchedHandler):
     """Batched DDPM / DDIM sampling with per-request seeds and a time budget per batch."""
 
     def initialize(self, context):
-        self.context = context
-        self.config = handler_config(context)
-        self.device, self.dtype = select_device(context, self.config)
-        wdir = weights_dir(context)
+        wdir = self.prepare(context)
         try:
             self.unet = UNet2DModel.from_pretrained(wdir, subfolder="unet", torch_dtype=self.dtype)
             self.scheduler_config = DDPMScheduler.load_config(wdir, subfolder="scheduler")

@@ -34,14 +34,11 @@ from handlers.common import (
     b64_png,
     decode_image,
     encode_png,
-    handler_config,
     json_body,
     parse_params,
     resolve_seed,
-    select_device,
     timeout_budget,
     wants_png,
-    weights_dir,
 )
 
 logger = logging.getLogger(__name__)
@@ -60,10 +57,7 @@ class Sd15Handler(BatchedHandler):
     """txt2img / img2img / inpainting with batching, seeds, limits and a time budget."""
 
     def initialize(self, context):
-        self.context = context
-        self.config = handler_config(context)
-        self.device, self.dtype = select_device(context, self.config)
-        wdir = weights_dir(context)
+        wdir = self.prepare(context)
         try:
             base = StableDiffusionPipeline.from_pretrained(wdir, dtype=self.dtype, local_files_only=True)
         except (OSError, ValueError) as exc:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from tests.support.bad_inputs import ddpm_cases
 from tests.support.torchserve import TorchServeInstance
-from tests.support.traffic import worker_pids
+from tests.support.traffic import assert_bad_input_refused
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +29,7 @@ def decode(b64: str) -> np.ndarray:
 @pytest.mark.parametrize("case", ddpm_cases(), ids=lambda c: c[0])
 def test_bad_input_gets_400_and_worker_survives(server, case):
     _, payload, field = case
-    pids = worker_pids(server.client, "ddpm")
-    resp = server.client.predict_raw("ddpm", payload)
-    assert resp.status_code == 400, resp.text
-    assert resp.json()["field"] == field
-    assert worker_pids(server.client, "ddpm") == pids
+    assert_bad_input_refused(server, "ddpm", payload, field)
 
 
 def test_seeded_request_same_alone_and_batched(server):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from tests.support.bad_inputs import sd15_cases
 from tests.support.torchserve import TorchServeInstance
-from tests.support.traffic import worker_pids
+from tests.support.traffic import assert_bad_input_refused
 
 BASE = {"prompt": "a lighthouse at dusk", "steps": 3, "width": 64, "height": 64}
 
@@ -25,11 +25,7 @@ def server():
 @pytest.mark.parametrize("case", sd15_cases(), ids=lambda c: c[0])
 def test_bad_input_gets_400_and_worker_survives(server, case):
     _, payload, field = case
-    pids = worker_pids(server.client, "sd15")
-    resp = server.client.predict_raw("sd15", payload)
-    assert resp.status_code == 400, resp.text
-    assert resp.json()["field"] == field
-    assert worker_pids(server.client, "sd15") == pids
+    assert_bad_input_refused(server, "sd15", payload, field)
 
 
 def test_seeded_png_same_alone_and_batched(server):

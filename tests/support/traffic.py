@@ -84,3 +84,13 @@ def kill_worker_under_load(ts, model: str, payload, threads: int = 4, timeout: f
         "hung": sum(t.is_alive() for t in workers),
         "victim_gone": victim not in worker_pids(client, model),
     }
+
+
+def assert_bad_input_refused(ts, model: str, payload, field: str) -> None:
+    """Through the server: HTTP 400 naming `field`, and the same worker still serving."""
+    pids = worker_pids(ts.client, model)
+    resp = ts.client.predict_raw(model, payload)
+    assert resp.status_code == 400, resp.text
+    body = resp.json()
+    assert body["field"] == field and isinstance(body["error"], str) and body["error"]
+    assert worker_pids(ts.client, model) == pids
