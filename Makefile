@@ -5,7 +5,7 @@ PY := .venv/bin/python
 export HF_HUB_OFFLINE ?= 1
 export PYTHONPATH := $(CURDIR)
 
-.PHONY: help setup weights archive start stop demo test test-unit test-integration bench reliability clean
+.PHONY: help setup weights archive start stop demo test test-unit test-integration bench reliability compare clean
 
 help:
 	@echo "make setup                    create .venv with the pinned requirements (checks Java 17)"
@@ -16,6 +16,7 @@ help:
 	@echo "make test                     unit + integration tests (offline, starts its own TorchServe)"
 	@echo "make bench                    benchmarks -> benchmarks/results/latest.{json,md}"
 	@echo "make reliability              load + faults + bad input -> docs/RELIABILITY.md"
+	@echo "make compare                  fine-tuning lab: shifted digits, cam 2.0, compare both versions"
 
 .venv/.installed: requirements.txt
 	@command -v java >/dev/null 2>&1 || { echo "Java 17 is required by TorchServe and was not found. Install it: 'sudo apt-get install openjdk-17-jre-headless' (Debian/Ubuntu), 'brew install openjdk@17' (macOS)"; exit 1; }
@@ -59,5 +60,8 @@ bench: archive
 reliability: archive
 	$(PY) -m benchmarks.reliability
 
+compare: archive
+	$(PY) -m clients.lab
+
 clean:
-	rm -rf model_store/*.mar model_store/sd15 model_store/.*.fingerprint outputs logs
+	rm -rf model_store/*.mar model_store/sd15 model_store/.*.fingerprint outputs logs data weights/finetuned

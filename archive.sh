@@ -5,7 +5,7 @@
 #                [--name NAME] [--weights DIR] [--store DIR] [--force] [MODEL...]
 #
 # MODEL is one of the handlers in handlers/ (cam, ddpm, sd15); none named = every model that
-# has weights for the profile. Weights come from weights/<profile>/<model>/ unless --weights
+# has weights for the profile. --version other than 1.0 writes <name>-<version>.mar. Weights come from weights/<profile>/<model>/ unless --weights
 # (one model only) or <MODEL>_WEIGHTS (e.g. SD15_WEIGHTS=/data/sd15) points elsewhere.
 # The archive is built in a temp dir and moved into place, so a failed run never leaves a
 # half-written archive; an unchanged input set is detected by a fingerprint and skipped.
@@ -32,7 +32,7 @@ while [ $# -gt 0 ]; do
     --weights) weights_override="${2:?--weights needs a value}"; shift 2 ;;
     --store) store="${2:?--store needs a value}"; shift 2 ;;
     --force) force=1; shift ;;
-    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) die "unknown option $1 (see --help)" ;;
     *) models+=("$1"); shift ;;
   esac
@@ -89,16 +89,19 @@ for m in "${models[@]}"; do
   mname="${name:-$m}"
   # Diffusion pipelines are GBs in the pretrained profile: store them unpacked (no-archive),
   # so neither archiving nor loading spends minutes compressing and unzipping them.
-  format="default"; out="$store/$mname.mar"
-  if [ "$m" = "sd15" ]; then format="no-archive"; out="$store/$mname"; fi
+  # Version 1.0 is <name>.mar; other versions get their own file (cam-2.0.mar), so both
+  # versions of a model can sit in the store and be registered side by side.
+  fname="$mname"; [ "$version" = "1.0" ] || fname="$mname-$version"
+  format="default"; out="$store/$fname.mar"
+  if [ "$m" = "sd15" ]; then format="no-archive"; out="$store/$fname"; fi
   fp="$(fingerprint "$m" "$wdir" "$mname" "$format")"
-  stamp="$store/.$mname.fingerprint"
+  stamp="$store/.$fname.fingerprint"
   if [ "$force" = 0 ] && [ -e "$out" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$fp" ]; then
-    echo "archive.sh: $mname is up to date ($out)"
+    echo "archive.sh: $fname is up to date ($out)"
     continue
   fi
 
-  work="$(mktemp -d "$store/.build-$mname.XXXXXX")"
+  work="$(mktemp -d "$store/.build-$fname.XXXXXX")"
   trap 'rm -rf "$work"' EXIT
   mkdir -p "$work/extra/handlers" "$work/out" "$work/tmp"
   cp "$here"/handlers/*.py "$work/extra/handlers/"
