@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 from clients.compare import compare, labelled_images, print_table
 from tests.support.torchserve import REPO, TorchServeInstance
