@@ -16,7 +16,7 @@ help:
 	@echo "make test                     unit + integration tests (offline, starts its own TorchServe)"
 	@echo "make bench                    benchmarks -> benchmarks/results/latest.{json,md}"
 	@echo "make reliability              load + faults + bad input -> docs/RELIABILITY.md"
-	@echo "make compare                  fine-tuning lab: shifted digits, cam 2.0, compare both versions"
+	@echo "make compare                  fine-tuning lab: cam 2.0 on shifted digits vs 1.0 -> outputs/compare.*"
 
 .venv/.installed: requirements.txt
 	@command -v java >/dev/null 2>&1 || { echo "Java 17 is required by TorchServe and was not found. Install it: 'sudo apt-get install openjdk-17-jre-headless' (Debian/Ubuntu), 'brew install openjdk@17' (macOS)"; exit 1; }
@@ -60,7 +60,7 @@ bench: archive
 reliability: archive
 	$(PY) -m benchmarks.reliability
 
-compare: archive
+compare: setup
 	$(PY) -m clients.lab
 
 clean:

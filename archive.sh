@@ -116,7 +116,8 @@ for m in "${models[@]}"; do
     || die "torch-model-archiver failed for $mname"
   built="$work/out/$mname"; [ "$format" = "no-archive" ] || built="$built.mar"
   if [ "$format" = "no-archive" ]; then
-    cp -r --reflink=auto "$wdir/." "$built/weights" || die "copying the weights of $mname failed"
+    # -L: a hub cache snapshot is a tree of symlinks into ../../blobs; copy the files themselves.
+    cp -rL --reflink=auto "$wdir/." "$built/weights" || die "copying the weights of $mname failed"
   fi
   rm -rf "$out" "$stamp"
   mv "$built" "$out"

@@ -51,7 +51,8 @@ class DdpmHandler(BatchedHandler):
         except (OSError, ValueError) as exc:
             raise RuntimeError(f"ddpm: cannot load the diffusers DDPM directory {wdir}: {exc}") from exc
         self.unet.to(self.device).eval()
-        self.shape = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
+        size = self.unet.config.sample_size  # an int, or (height, width) for non-square models
+        self.shape = (self.unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
         train_steps = int(self.scheduler_config["num_train_timesteps"])
         self.max_steps = min(int(self.config.get("max_steps", train_steps)), train_steps)
         self.max_images = int(self.config.get("max_num_images", 16))
@@ -93,7 +94,9 @@ class DdpmHandler(BatchedHandler):
         for requests that asked for it, the x0 estimates of their first image along the way."""
         first = reqs[0]
         scheduler = SCHEDULERS[first["scheduler"]].from_config(self.scheduler_config)
-        scheduler.set_timesteps(first["steps"], device=self.device)
+        # Timesteps stay on the CPU, as in diffusers' DDPMPipeline: step() indexes the scheduler's
+        # CPU tables with them; the UNet moves t to its own device.
+        scheduler.set_timesteps(first["steps"])
         generators = []
         for req in reqs:
             gen = torch.Generator(device="cpu").manual_seed(req["seed"])

@@ -6,6 +6,9 @@ Requests of one TorchServe batch with the same mode, size, steps, scheduler, gui
 strength run as one pipeline call with a list of prompts and one generator per image (a
 request's images all draw from that request's own generator), so a seeded request gives the same
 image alone or inside a batch. Each group gets a fresh scheduler instance.
+
+Cost (BatchedHandler's time budget) is counted in 512x512 guided denoising steps, from FLOP
+counts of the real SD1.5 UNet and VAE, so the limits hold for the real model at every size.
 """
 from __future__ import annotations
 
@@ -50,7 +53,14 @@ SCHEDULERS = {
     "dpm++": DPMSolverMultistepScheduler,
 }
 DEMO_WARNING = "demo profile: a randomly initialised smoke-test model; its images are noise"
-REFERENCE_PIXELS = 512 * 512  # the cost unit: one 512x512 denoising step
+REFERENCE_PIXELS = 512 * 512
+# Work per image of P = pixels / 512^2 as (a, b) in a*P + b*P^2, in units of one 512x512 denoising
+# step with classifier-free guidance (the configs' steps_per_second_512). From torch.utils.flop_counter
+# on the SD1.5 UNet and VAE: self-attention grows with the square of the latent size (a 1024x1024
+# step is 5.8 units, not 4), and one VAE decode costs more than a step.
+STEP_COST = (0.85, 0.15)
+DECODE_COST = (1.54, 0.02)
+ENCODE_COST = (0.67, 0.02)  # img2img encodes the input once, inpainting twice (image, masked image)
 
 
 class Sd15Handler(BatchedHandler):
@@ -58,13 +68,16 @@ class Sd15Handler(BatchedHandler):
 
     def initialize(self, context):
         wdir = self.prepare(context)
+        # A disabled safety checker is not even loaded (it is a 1.2 GB CLIP model in real SD1.5).
+        no_checker = {} if self.config.get("safety_checker", True) else {"safety_checker": None}
         try:
-            base = StableDiffusionPipeline.from_pretrained(wdir, dtype=self.dtype, local_files_only=True)
+            base = StableDiffusionPipeline.from_pretrained(wdir, dtype=self.dtype, local_files_only=True,
+                                                           **no_checker)
         except (OSError, ValueError) as exc:
             raise RuntimeError(f"sd15: cannot load the diffusers Stable Diffusion directory {wdir}: {exc}") from exc
         base.to(self.device)
         # The checker is run by this handler (report, don't black out), never inside the pipeline.
-        self.safety_checker = base.safety_checker if self.config.get("safety_checker", True) else None
+        self.safety_checker = base.safety_checker
         base.safety_checker = None
         base.register_to_config(requires_safety_checker=False)
         if self.config.get("attention_slicing"):
@@ -122,6 +135,10 @@ class Sd15Handler(BatchedHandler):
                                                f"{p['image'].size[0]}x{p['image'].size[1]}; they must match")
             if p["strength"] is None:
                 p["strength"] = 0.75 if p["mode"] == "img2img" else 1.0
+            if denoising_steps(p) < 1:
+                raise RequestError("strength", f"'steps' x 'strength' = {p['steps']} x {p['strength']} leaves no "
+                                               "denoising step (diffusers runs int(steps x strength)); raise "
+                                               "'strength' or 'steps'")
         for name in ("width", "height"):
             if p[name] is None:
                 # Default: the input image's size (rounded down to a multiple of 8), else 512.
@@ -146,9 +163,10 @@ class Sd15Handler(BatchedHandler):
         return p
 
     def cost(self, req: dict) -> float:
-        # img2img runs only strength x steps denoising steps.
-        steps = req["steps"] * (req["strength"] if req["mode"] == "img2img" else 1.0)
-        return steps * req["num_images"] * req["width"] * req["height"] / REFERENCE_PIXELS
+        p = req["width"] * req["height"] / REFERENCE_PIXELS
+        per_image = denoising_steps(req) * work(STEP_COST, p) + work(DECODE_COST, p)
+        per_image += {"txt2img": 0, "img2img": 1, "inpaint": 2}[req["mode"]] * work(ENCODE_COST, p)
+        return req["num_images"] * per_image
 
     def group_key(self, req: dict):
         return (req["mode"], req["width"], req["height"], req["steps"], req["scheduler"],
@@ -201,9 +219,11 @@ class Sd15Handler(BatchedHandler):
 
     # postprocess --------------------------------------------------------------------------
     def respond(self, req: dict, pils: list, nsfw: list[bool | None]) -> Outcome:
-        if req["png"] and not nsfw[0]:
-            return Outcome(response=encode_png(pils[0]), content_type=PNG_TYPE)
         warnings = list(req["warnings"])
+        if req["png"] and not nsfw[0]:
+            # A raw PNG has no body for the seed and the warnings: they travel as headers.
+            headers = {"X-Seed": str(req["seed"]), **({"X-Warnings": " | ".join(warnings)} if warnings else {})}
+            return Outcome(response=encode_png(pils[0]), content_type=PNG_TYPE, headers=headers)
         if any(nsfw):
             warnings.append("the safety checker flagged some images; they are withheld (null in 'images')")
         body = {
@@ -217,6 +237,15 @@ class Sd15Handler(BatchedHandler):
         if self.safety_checker is not None:
             body["nsfw"] = nsfw
         return Outcome(response=body)
+
+
+def denoising_steps(req: dict) -> int:
+    """The UNet steps a request runs: img2img and inpainting start int(steps x strength) from the end."""
+    return req["steps"] if req["mode"] == "txt2img" else min(int(req["steps"] * req["strength"]), req["steps"])
+
+
+def work(coefficients: tuple[float, float], p: float) -> float:
+    return coefficients[0] * p + coefficients[1] * p * p
 
 
 def validate_size(name: str, size: int, param: Param) -> int:

@@ -122,6 +122,30 @@ def save_grid(images: torch.Tensor, path: Path, cell: int = 64) -> None:
     save_image(make_grid(big, nrow=8, padding=4, pad_value=0.5), str(path))
 
 
+def training_command(training: dict, out: str) -> str:
+    """The train_ddpm_demo command line that reproduces these weights (non-default settings only)."""
+    from weights import train_ddpm_demo
+
+    defaults = vars(train_ddpm_demo.parse_args([]))
+    parts = ["python -m weights.train_ddpm_demo"]
+    if out != defaults["out"]:
+        parts.append(f"--out {out}")
+    for key, value in training.get("settings", {}).items():
+        default = defaults.get(key)
+        if isinstance(default, tuple):
+            default = list(default)
+        if value == default or value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else f"--no-{key.replace('_', '-')}")
+        elif isinstance(value, list):
+            parts.append(f"{flag} {','.join(str(v) for v in value)}")
+        else:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)
+
+
 def write_report(path: Path, args, result: dict, real: dict | None, training: dict | None,
                  image_size: int, sample_time: float) -> None:
     ok = result["pass_confident"] and result["pass_classes"]
@@ -171,7 +195,12 @@ def write_report(path: Path, args, result: dict, real: dict | None, training: di
     ]
     if training is not None:
         s = training.get("settings", {})
+        load = training.get("machine", {}).get("load_avg_1min_start_end")
         lines += [
+            f"- reproduce the weights: `{training_command(training, args.ddpm)}` "
+            f"(wall time {training.get('wall_time_s')} s, process CPU time "
+            f"{training.get('cpu_time_s', '?')} s on {s.get('threads')} thread(s)"
+            + (f", 1-min load average {load[0]} at start / {load[1]} at end: the CPU was shared)" if load else ")"),
             f"- training: {training.get('total_steps')} steps, batch {s.get('batch_size')}, "
             f"beta schedule `{s.get('beta_schedule')}`, UNet block_out_channels "
             f"{s.get('block_out_channels')}, layers_per_block {s.get('layers_per_block')}, "

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clients import sample
 from tests.support.bad_inputs import ddpm_cases
 from tests.support.torchserve import TorchServeInstance
 from tests.support.traffic import assert_bad_input_refused
@@ -62,3 +63,15 @@ def test_png_and_trajectory(server):
     traj = server.client.predict("ddpm", {"steps": 20, "seed": 0, "trajectory": True})
     gif = Image.open(io.BytesIO(base64.b64decode(traj["trajectory"])))
     assert gif.n_frames >= 5
+
+
+def test_sample_client_saves_samples_grid_and_gif(server, tmp_path):
+    args = ["-n", "3", "--steps", "4", "--seed", "5", "--trajectory", "--out", str(tmp_path),
+            "--inference-url", server.url("inference"), "--management-url", server.url("management"),
+            "--key-file", str(server.dir / "key_file.json")]
+    assert sample.main(args) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["grid-5.png", "sample-5-0.png", "sample-5-1.png", "sample-5-2.png", "trajectory-5.gif"]
+    served = server.client.predict("ddpm", {"num_images": 3, "steps": 4, "seed": 5})["images"]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "sample-5-2.png"), dtype=int), decode(served[2]))
+    assert Image.open(tmp_path / "trajectory-5.gif").n_frames >= 4

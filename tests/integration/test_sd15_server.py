@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -29,14 +30,22 @@ def test_bad_input_gets_400_and_worker_survives(server, case):
 
 
 def test_seeded_png_same_alone_and_batched(server):
+    def predict(payload):
+        return server.client.predict_raw("sd15", payload, accept="image/png")
+
     req = {**BASE, "seed": 77}
-    alone = server.client.predict_raw("sd15", req, accept="image/png")
+    alone = predict(req)
     assert alone.status_code == 200 and alone.headers["content-type"] == "image/png"
+    assert alone.headers["X-Batch-Size"] == "1" and alone.headers["X-Seed"] == "77"
     payloads = [req, {**BASE, "seed": 1, "prompt": "a cat"}, {**BASE, "seed": 2}, {**BASE, "seed": 3}]
-    with ThreadPoolExecutor(4) as pool:
-        responses = list(pool.map(lambda p: server.client.predict_raw("sd15", p, accept="image/png"), payloads))
+    with ThreadPoolExecutor(5) as pool:
+        # A slower request keeps the worker busy while the four queue up: they form one batch.
+        busy = pool.submit(predict, {**BASE, "steps": 25, "seed": 0})
+        time.sleep(0.5)
+        responses = list(pool.map(predict, payloads))
+        assert busy.result().status_code == 200
     assert [r.status_code for r in responses] == [200] * 4
-    assert max(int(r.headers["X-Batch-Size"]) for r in responses) > 1
+    assert int(responses[0].headers["X-Batch-Size"]) > 1
     a = np.asarray(Image.open(io.BytesIO(alone.content)), dtype=int)
     b = np.asarray(Image.open(io.BytesIO(responses[0].content)), dtype=int)
     assert np.abs(a - b).max() <= 1

@@ -94,6 +94,7 @@ def sd15_cases() -> list[tuple[str, bytes | dict, str]]:
         ("mask-without-image", {**base, "mask": small_mask}, "mask"),
         ("strength-zero", {**base, "image": png, "strength": 0}, "strength"),
         ("strength-above-one", {**base, "image": png, "strength": 1.5}, "strength"),
+        ("strength-leaves-no-step", {**base, "image": png, "steps": 1, "strength": 0.5}, "strength"),
         ("unknown-field", {**base, "cfg": 7}, "cfg"),
         ("unknown-scheduler", {**base, "scheduler": "lms"}, "scheduler"),
         ("over-time-budget", {**base, "width": 1024, "height": 1024, "steps": 100, "num_images": 4}, "steps"),

@@ -1,17 +1,17 @@
 """Tiny labelled folders of shifted digits (ImageFolder layout) for the fine-tuning lab's tests."""
 from __future__ import annotations
 
-from PIL import Image
+from pathlib import Path
+
+import numpy as np
 
 from weights import digits, make_shifted_digits
 
 
-def tiny_folder(root, per_class=3, classes=range(10)):
-    """A few shifted digits per class in ImageFolder layout."""
+def tiny_folder(root: Path, per_class: int = 3, classes=range(10), seed: int = 0) -> Path:
+    """root/<digit>/<index>.png: the first `per_class` held-out digits of each class, shifted."""
     images, labels = digits.load_arrays()
-    for c in classes:
-        idx = [i for i in range(len(labels)) if labels[i] == c][:per_class]
-        for i, arr in zip(idx, make_shifted_digits.shift(images[idx], 64, seed=c)):
-            (root / str(c)).mkdir(parents=True, exist_ok=True)
-            Image.fromarray(arr).save(root / str(c) / f"{i}.png")
+    _, test = digits.split_indices()
+    idx = np.concatenate([test[labels[test] == c][:per_class] for c in classes])
+    make_shifted_digits.write_split(root, idx, images, labels, make_shifted_digits.DEFAULT_SIZE, seed)
     return root

@@ -49,9 +49,12 @@ def test_forward_process_matches_closed_form():
         assert torch.allclose(got.double(), expected, atol=1e-5), t
 
 
+@pytest.mark.parametrize("variance_type", ["archive", "fixed_large"])
 @pytest.mark.parametrize("t", [999, 500, 20, 1])
-def test_one_ddpm_step_matches_ho_et_al_eq_11(t):
+def test_one_ddpm_step_matches_ho_et_al_eq_11(t, variance_type):
     sched = DDPMScheduler.from_pretrained(demo_weights("ddpm"), subfolder="scheduler")
+    if variance_type != "archive":  # google/ddpm-cifar10-32 and others use sigma_t^2 = beta_t
+        sched = DDPMScheduler.from_config(sched.config, variance_type=variance_type)
     sched.set_timesteps(1000)
     betas = sched.betas.double()
     alphas, abar = 1 - betas, torch.cumprod(1 - betas, 0)
@@ -61,9 +64,9 @@ def test_one_ddpm_step_matches_ho_et_al_eq_11(t):
     xt = abar[t].sqrt() * x0 + (1 - abar[t]).sqrt() * eps
     got = sched.step(eps.float(), t, xt.float(), generator=torch.Generator().manual_seed(7)).prev_sample.double()
     z = torch.randn(xt.shape, generator=torch.Generator().manual_seed(7)).double()
-    # eq. 11 with the "fixed_small" variance: sigma_t^2 = the posterior variance (eq. 7).
-    assert sched.config.variance_type == "fixed_small"
-    sigma2 = (1 - abar[t - 1]) / (1 - abar[t]) * betas[t]
+    # eq. 11; sigma_t^2 is the posterior variance (eq. 7) for "fixed_small", beta_t for "fixed_large".
+    sigma2 = {"fixed_small": (1 - abar[t - 1]) / (1 - abar[t]) * betas[t], "fixed_large": betas[t]}[
+        sched.config.variance_type]
     mean = (xt - betas[t] / (1 - abar[t]).sqrt() * eps) / alphas[t].sqrt()
     assert torch.allclose(got, mean + sigma2.sqrt() * z, atol=1e-4)
 
@@ -137,10 +140,25 @@ def test_batch_over_budget_sheds_with_503(tiny):
         handler.budget = budget
 
 
-def test_pretrained_layout_three_channels(tmp_path):
-    """A 3-channel 32x32 DDPM directory, like google/ddpm-cifar10-32, through the same loader."""
-    wdir = tiny_pipeline(tmp_path / "cifar-like", channels=3, size=32)
+@pytest.mark.parametrize("channels, size, mode", [(3, 32, "RGB"), (1, (16, 24), "L")], ids=["cifar-like", "non-square"])
+def test_pretrained_layout(tmp_path, channels, size, mode):
+    """Any diffusers DDPM directory through the same loader: 3-channel 32x32 like
+    google/ddpm-cifar10-32, and a (height, width) sample_size."""
+    wdir = tiny_pipeline(tmp_path / "pipeline", channels=channels, size=size)
     handler, ctx = load_handler(DdpmHandler, "ddpm", unpack(tmp_path / "model", "ddpm", wdir))
     (out,) = run_batch(handler, ctx, [{"body": {"steps": 2, "seed": 0}}])
     img = Image.open(io.BytesIO(base64.b64decode(json.loads(out)["images"][0])))
-    assert img.size == (32, 32) and img.mode == "RGB"
+    height, width = (size, size) if isinstance(size, int) else size
+    assert img.size == (width, height) and img.mode == mode
+
+
+def test_demo_model_seed_holds_over_default_steps(ddpm_handler):
+    """The real demo model over 50 steps with noise at every step (DDPM, DDIM eta=1): a seeded
+    request is unchanged inside a batch, where small numeric differences would have compounded."""
+    handler, ctx = ddpm_handler
+    for extra in ({"scheduler": "ddpm"}, {"eta": 1.0}):
+        req = {"body": {"steps": 50, "seed": 11, "num_images": 2, **extra}}
+        (alone,) = run_batch(handler, ctx, [req])
+        batch = run_batch(handler, ctx, [{"body": {"steps": 50, "seed": s, **extra}} for s in range(3)] + [req])
+        for a, b in zip(images_of(alone), images_of(batch[3])):
+            assert np.abs(a - b).max() <= 1, extra

@@ -1,5 +1,5 @@
 """The sd15 handler in-process on the demo pipeline: seeds, batching, img2img, inpainting,
-one set of components, prompt truncation, bad input."""
+one set of components, prompt truncation, the time budget, bad input."""
 from __future__ import annotations
 
 import base64
@@ -11,10 +11,22 @@ import pytest
 import torch
 from PIL import Image
 
+from handlers.common import RequestError
+from tests.conftest import png_bytes
 from tests.support.bad_inputs import b64, sd15_cases
 from tests.support.context import run_batch
 
 BASE = {"prompt": "a lighthouse at dusk", "steps": 3, "width": 64, "height": 64}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread(sd15_handler):
+    """The demo model's ops are tiny: on a CPU shared with other jobs, the config's 2 OpenMP
+    threads mostly wait for each other (measured 4-7x slower than 1 thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def pixels(b64_png: str) -> np.ndarray:
@@ -23,10 +35,14 @@ def pixels(b64_png: str) -> np.ndarray:
 
 def gradient_png(size=64) -> bytes:
     x = np.linspace(0, 255, size, dtype=np.uint8)
-    img = np.stack([np.tile(x, (size, 1)), np.tile(x[:, None], (1, size)), np.full((size, size), 128, np.uint8)], -1)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
+    rgb = np.stack([np.tile(x, (size, 1)), np.tile(x[:, None], (1, size)), np.full((size, size), 128, np.uint8)], -1)
+    return png_bytes(Image.fromarray(rgb))
+
+
+def centre_mask(size=64) -> np.ndarray:
+    mask = np.zeros((size, size), np.uint8)
+    mask[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 255  # repaint the centre only
+    return mask
 
 
 def test_one_set_of_components(sd15_handler):
@@ -35,6 +51,7 @@ def test_one_set_of_components(sd15_handler):
     for mode in ("img2img", "inpaint"):
         pipe = handler.pipes[mode]
         assert pipe.unet is base.unet and pipe.vae is base.vae and pipe.text_encoder is base.text_encoder
+        assert pipe.tokenizer is base.tokenizer
 
 
 def test_same_seed_same_png(sd15_handler):
@@ -63,6 +80,28 @@ def test_batch_of_four_equals_four_single_calls(sd15_handler):
     assert len(json.loads(batched[2])["images"]) == 2
 
 
+def test_mixed_batch_runs_in_groups_each_like_a_single_call(sd15_handler, monkeypatch):
+    """Modes and schedulers mixed in one batch: one pipeline call per group (each with a fresh
+    scheduler), and every request gets what it gets alone, batched img2img/inpainting included."""
+    handler, ctx = sd15_handler
+    src, mask = b64(gradient_png()), b64(png_bytes(Image.fromarray(centre_mask())))
+    img2img = {"prompt": "x", "steps": 4, "image": src, "strength": 0.5}
+    inpaint = {"prompt": "y", "steps": 4, "image": src, "mask": mask}
+    reqs = [{**BASE, "seed": 5, "scheduler": "ddim"}, {**img2img, "seed": 6}, {**inpaint, "seed": 7},
+            {**BASE, "seed": 8, "scheduler": "euler", "steps": 2}, {**img2img, "prompt": "z", "seed": 9},
+            {**inpaint, "seed": 10, "num_images": 2}, {**BASE, "seed": 5, "scheduler": "dpm++"}]
+    sizes = []
+    run_group = handler.run_group
+    monkeypatch.setattr(handler, "run_group", lambda group: sizes.append(len(group)) or run_group(group))
+    batched = run_batch(handler, ctx, [{"body": r} for r in reqs])
+    assert [ctx.status(i) for i in range(len(reqs))] == [200] * len(reqs)
+    assert sizes == [1, 2, 2, 1, 1]
+    for req, out in zip(reqs, batched):
+        (single,) = run_batch(handler, ctx, [{"body": req}])
+        for a, b in zip(json.loads(out)["images"], json.loads(single)["images"], strict=True):
+            assert np.abs(pixels(a) - pixels(b)).max() <= 1, req
+
+
 def test_every_scheduler_runs(sd15_handler):
     handler, ctx = sd15_handler
     reqs = [{"body": {**BASE, "seed": 0, "scheduler": s}} for s in ("pndm", "ddim", "euler", "dpm++")]
@@ -76,6 +115,8 @@ def test_accept_png(sd15_handler):
     (png,) = run_batch(handler, ctx, [{"body": {**BASE, "seed": 1}}], headers=[{"Accept": "image/png"}])
     assert ctx.get_response_content_type(0) == "image/png"
     assert Image.open(io.BytesIO(png)).size == (64, 64)
+    headers = ctx.get_response_headers(0)
+    assert headers["X-Seed"] == "1" and "smoke-test" in headers["X-Warnings"]
 
 
 def test_img2img_and_size_from_image(sd15_handler):
@@ -89,12 +130,8 @@ def test_img2img_and_size_from_image(sd15_handler):
 
 def test_inpainting_keeps_pixels_outside_the_mask(sd15_handler):
     handler, ctx = sd15_handler
-    src = gradient_png(64)
-    mask = np.zeros((64, 64), np.uint8)
-    mask[16:48, 16:48] = 255  # repaint the centre only
-    buf = io.BytesIO()
-    Image.fromarray(mask).save(buf, format="PNG")
-    (out,) = run_batch(handler, ctx, [{"body": {"prompt": "x", "steps": 4, "image": b64(src), "mask": b64(buf.getvalue()),
+    src, mask = gradient_png(64), centre_mask(64)
+    (out,) = run_batch(handler, ctx, [{"body": {"prompt": "x", "steps": 4, "image": b64(src), "mask": b64(png_bytes(Image.fromarray(mask))),
                                                 "seed": 0}}])
     body = json.loads(out)
     assert ctx.status(0) == 200 and body["mode"] == "inpaint"
@@ -122,15 +159,47 @@ def test_long_prompt_is_truncated_with_a_warning(sd15_handler):
     assert any("truncated" in w and "'prompt'" in w for w in json.loads(out)["warnings"])
 
 
+@pytest.mark.parametrize(("n", "steps", "size", "fits"), [
+    (1, 70, 512, True), (1, 71, 512, False), (2, 25, 512, True), (1, 25, 768, True),
+    (1, 11, 1024, True), (1, 12, 1024, False), (4, 50, 256, True),
+])
+def test_cpu_budget_is_what_the_config_says(sd15_handler, n, steps, size, fits):
+    """model_configs/sd15/cpu.yaml lists what fits its budget; a 1024x1024 step costs 5.8 units
+    (attention is quadratic), not 4, and every image adds a VAE decode."""
+    handler, ctx = sd15_handler
+    body = {"prompt": "x", "steps": steps, "width": size, "height": size, "num_images": n}
+    if fits:
+        assert handler.cost(handler.parse({"body": body}, 0)) <= handler.budget
+    else:
+        with pytest.raises(RequestError, match="response timeout"):
+            handler.parse({"body": body}, 0)
+
+
+def test_img2img_cost_counts_only_the_steps_it_runs(sd15_handler):
+    handler, _ = sd15_handler
+    src = b64(gradient_png(64))
+    cost = {s: handler.cost(handler.parse({"body": {"prompt": "x", "steps": 10, "image": src, "strength": s}}, 0))
+            for s in (0.3, 0.35, 1.0)}
+    assert cost[0.3] == cost[0.35] < cost[1.0]  # int(10 x 0.35) = 3 steps, like diffusers
+
+
 @pytest.mark.parametrize("case", sd15_cases(), ids=lambda c: c[0])
-def test_bad_input_fails_alone(sd15_handler, case):
+def test_bad_input_gets_400_naming_the_field(sd15_handler, case):
     handler, ctx = sd15_handler
     _, payload, field = case
+    (out,) = run_batch(handler, ctx, [{"body": payload}])
+    assert ctx.status(0) == 400, out
+    assert json.loads(out)["field"] == field
+
+
+def test_bad_inputs_fail_alone_in_a_mixed_batch(sd15_handler):
+    handler, ctx = sd15_handler
+    cases = sd15_cases()
     good = {"body": {**BASE, "steps": 2, "seed": 0}}
-    outs = run_batch(handler, ctx, [good, {"body": payload}, good])
-    assert ctx.status(1) == 400, outs[1]
-    assert json.loads(outs[1])["field"] == field
-    assert ctx.status(0) == ctx.status(2) == 200 and outs[0] == outs[2]
+    outs = run_batch(handler, ctx, [good, *({"body": payload} for _, payload, _ in cases), good])
+    assert [ctx.status(i) for i in range(1, len(cases) + 1)] == [400] * len(cases)
+    assert [json.loads(o)["field"] for o in outs[1:-1]] == [field for _, _, field in cases]
+    assert ctx.status(0) == ctx.status(len(cases) + 1) == 200 and outs[0] == outs[-1]
 
 
 def test_flagged_images_are_reported_not_blacked_out(sd15_handler):
