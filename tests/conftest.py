@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.support.context import ServingMockContext
 
@@ -79,3 +80,13 @@ def sd15_handler(tmp_path_factory):
 
     model_dir = unpack(tmp_path_factory.mktemp("sd15"), "sd15", demo_weights("sd15"))
     return load_handler(Sd15Handler, "sd15", model_dir)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for a test of a tiny demo model: on a shared 2-core box, two OpenMP
+    threads mostly wait for each other (measured 4-10x slower than one thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -21,12 +21,7 @@ from tests.support.shifted import tiny_folder
 from weights import digits, finetune_cam, make_shifted_digits
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_few_steps_change_the_weights_and_stay_servable(tmp_path, capsys):

@@ -19,14 +19,7 @@ from tests.support.context import run_batch
 BASE = {"prompt": "a lighthouse at dusk", "steps": 3, "width": 64, "height": 64}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread(sd15_handler):
-    """The demo model's ops are tiny: on a CPU shared with other jobs, the config's 2 OpenMP
-    threads mostly wait for each other (measured 4-7x slower than 1 thread)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("sd15_handler", "one_torch_thread")  # handler first: it sets 2 threads
 
 
 def pixels(b64_png: str) -> np.ndarray:

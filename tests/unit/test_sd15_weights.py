@@ -15,13 +15,7 @@ PROMPT = "a photograph of an astronaut riding a horse"
 SIZE, STEPS = 64, 2
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny ops: with 2 threads on a shared 2-core box, OpenMP sync costs 10x the compute.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
