@@ -62,9 +62,11 @@ def write_doc(r: dict) -> None:
         ("Worker RSS after request 100 -> end", f"{load['worker_rss_mb_at_100']} -> {load['worker_rss_mb_end']} MB "
          f"({load['rss_growth_pct']:+} %)", "< 10 % growth"),
         *[(f"SIGKILL a `{m}` worker under load",
-           f"replaced and READY after {k['recovery_s']} s; {k['failed_during_recovery']} of "
-           f"{k['requests_during_recovery']} requests around the kill got an error answer, {k['hung']} hung; "
-           f"{k['failed_after_recovery']} of {k['requests_after_recovery']} failed after recovery",
+           f"replaced and READY after {k['recovery_s']} s; of {k['requests_around_kill']} requests in "
+           f"flight or sent before recovery, {k['error_answers_around_kill']} got an error answer and "
+           f"{k['lost_around_kill']} were dropped by TorchServe (ended by the client's timeout), "
+           f"{k['hung']} hung; {k['failed_after_recovery']} of {k['requests_after_recovery']} sent after "
+           f"recovery failed",
            "recovers, nothing hangs, 0 failures after")
           for m, k in r["kill"].items()],
         ("Whole-server restart", f"{', '.join(r['restart']['models_back'])} back from model_store/ in "

@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 
 import psutil
 import requests
@@ -38,20 +39,33 @@ def rss_mb(pids: list[int]) -> float:
     return total / 2**20
 
 
-def kill_worker_under_load(ts, model: str, payload, threads: int = 4, timeout: float = 120.0) -> dict:
+def kill_worker_under_load(ts, model: str, payload, threads: int = 4, timeout: float = 120.0,
+                           after: int = 20, client_timeout: float = 60.0) -> dict:
     """SIGKILLs one worker of `model` while `threads` clients send requests; measures how long
-    until a replacement worker is READY and what happened to the requests around the kill."""
-    client = ts.make_client(timeout=60, retries=0)
+    until a replacement worker is READY and what happened to the requests around the kill.
+
+    Requests are classified by when they were SENT: one in flight at the kill may take seconds
+    to get its error answer (TorchServe fails the dead worker's batch once it sees the death), so
+    "answered after recovery" would wrongly blame it on the recovered server. Traffic goes on
+    until `after` requests sent after recovery have been answered.
+
+    TorchServe 0.12 loses the requests a worker thread is gathering into a batch (waiting up to
+    maxBatchDelay) when its process dies: BatchAggregator.getRequest() is interrupted before the
+    batch exists, so WorkerThread has no request to send "Worker died." (507) for. Those get no
+    answer at all; only the client's timeout ends them. They are counted as `lost_around_kill`."""
+    client = ts.make_client(timeout=client_timeout, retries=0)
     victim = worker_pids(client, model)[0]
-    results: list = []
+    calls: list[tuple[float, float, int | str]] = []  # (sent, answered, status or exception name)
     stop = threading.Event()
 
     def traffic():
         while not stop.is_set():
+            sent = time.monotonic()
             try:
-                results.append(client.predict_raw(model, payload).status_code)
+                status = client.predict_raw(model, payload).status_code
             except requests.RequestException as exc:  # an error answer, not a hang
-                results.append(type(exc).__name__)
+                status = type(exc).__name__
+            calls.append((sent, time.monotonic(), status))
 
     workers = [threading.Thread(target=traffic) for _ in range(threads)]
     for t in workers:
@@ -59,28 +73,34 @@ def kill_worker_under_load(ts, model: str, payload, threads: int = 4, timeout: f
     time.sleep(2)
     killed_at = time.monotonic()
     os.kill(victim, signal.SIGKILL)
-    recovered = False
+    recovered_at = None
     while time.monotonic() < killed_at + timeout:
         desc = client.describe(model)
         pids = [w["pid"] for d in desc for w in d["workers"]]
         if victim not in pids and pids and all(w["status"] == "READY" for d in desc for w in d["workers"]):
-            recovered = True
+            recovered_at = time.monotonic()
             break
         time.sleep(0.5)
-    recovery_s = time.monotonic() - killed_at
-    during = len(results)
-    time.sleep(2)
+    deadline = time.monotonic() + timeout
+    while recovered_at and time.monotonic() < deadline and sum(c[0] > recovered_at for c in list(calls)) < after:
+        time.sleep(0.2)
     stop.set()
     for t in workers:
         t.join(timeout=90)
-    after = results[during:]
+    recovered_at = recovered_at or time.monotonic()
+    around = [c for c in calls if c[0] < recovered_at and c[1] > killed_at]
+    post = [c for c in calls if c[0] > recovered_at]
     return {
-        "recovered": recovered,
-        "recovery_s": round(recovery_s, 1),
-        "requests_during_recovery": during,
-        "failed_during_recovery": sum(r != 200 for r in results[:during]),
-        "requests_after_recovery": len(after),
-        "failed_after_recovery": sum(r != 200 for r in after),
+        "recovered": recovered_at is not None and recovered_at - killed_at < timeout,
+        "recovery_s": round(recovered_at - killed_at, 1),
+        "requests_around_kill": len(around),
+        "failed_around_kill": sum(c[2] != 200 for c in around),
+        "error_answers_around_kill": sum(isinstance(c[2], int) and c[2] != 200 for c in around),
+        "lost_around_kill": sum(not isinstance(c[2], int) and c[1] - c[0] >= client_timeout - 1 for c in around),
+        "slowest_around_kill_s": round(max((c[1] - c[0] for c in around), default=0.0), 1),
+        "requests_after_recovery": len(post),
+        "failed_after_recovery": sum(c[2] != 200 for c in post),
+        "failures": dict(Counter(str(c[2]) for c in calls if c[2] != 200)),
         "hung": sum(t.is_alive() for t in workers),
         "victim_gone": victim not in worker_pids(client, model),
     }
