@@ -1,15 +1,20 @@
 """Security defaults against a real TorchServe: loopback only, tokens (incl. rotation), the
-key file's permissions, the URL allow-list for registration, and the request size limit."""
+key file's permissions, the URL allow-list for registration, and the request size limits."""
 from __future__ import annotations
 
+import base64
+import io
 import ipaddress
+import json
 import os
 import stat
 import subprocess
 
+import numpy as np
 import psutil
 import pytest
 import requests
+from PIL import Image
 
 from clients.api import TorchServeClient
 from tests.support.torchserve import REPO, TorchServeInstance
@@ -93,3 +98,21 @@ def test_request_over_size_limit_is_refused(server):
     resp = server.client.predict_raw("cam", b"\0" * (2 * LIMIT))
     assert resp.status_code in (400, 413)
     assert server.client.predict_raw("cam", small_png()).status_code == 200
+
+
+def test_largest_legitimate_upload_fits_and_one_byte_more_is_refused():
+    """With the real config.properties limits: the worst case the cam archive accepts (a
+    4000x4000 RGB PNG of noise, as base64 in JSON: ~64 MB) is served; a body of
+    max_request_size + 1 bytes gets 413 before any worker sees it."""
+    limit = int(next(line.split("=", 1)[1] for line in (REPO / "config.properties").read_text().splitlines()
+                     if line.startswith("max_request_size=")))
+    noise = np.random.default_rng(0).integers(0, 256, (4000, 4000, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(noise).save(buf, format="PNG", compress_level=1)
+    payload = {"image": base64.b64encode(buf.getvalue()).decode()}
+    assert 0.9 * limit < len(json.dumps(payload)) < limit
+    with TorchServeInstance(archives=["cam.mar"]) as ts:
+        resp = ts.client.predict_raw("cam", payload)
+        assert resp.status_code == 200, resp.text[:300]
+        assert resp.json()["predictions"]
+        assert ts.client.predict_raw("cam", b"\0" * (limit + 1)).status_code == 413
