@@ -40,8 +40,8 @@ def test_seeded_png_same_alone_and_batched(server):
     payloads = [req, {**BASE, "seed": 1, "prompt": "a cat"}, {**BASE, "seed": 2}, {**BASE, "seed": 3}]
     with ThreadPoolExecutor(5) as pool:
         # A slower request keeps the worker busy while the four queue up: they form one batch.
-        busy = pool.submit(predict, {**BASE, "steps": 25, "seed": 0})
-        time.sleep(0.5)
+        busy = pool.submit(predict, {**BASE, "steps": 100, "width": 128, "height": 128, "seed": 0})  # ~1.7 s
+        time.sleep(0.3)
         responses = list(pool.map(predict, payloads))
         assert busy.result().status_code == 200
     assert [r.status_code for r in responses] == [200] * 4
