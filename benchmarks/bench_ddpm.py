@@ -143,7 +143,7 @@ def run() -> dict:
                   f"in-process = handler.handle() on {CONCURRENCY} requests at a time: {workers} "
                   f"processes x {threads} thread(s) x batch {CONCURRENCY // workers}, in a session of "
                   "their own like the served workers",
-                  "the machine was shared with other jobs (see load_average)",
+                  "load_average: the machine's 1-minute load (2 cores) before and after: how busy it was",
                   f"in-process, served and served-batch-1 rounds alternate (median of {ROUNDS} each)"],
     }
 
