@@ -22,9 +22,10 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from benchmarks.measure import interleaved, latency_ms, load
 from handlers.cam import CamHandler
-from tests.conftest import load_handler, png_bytes, unpack
-from tests.support.context import run_batch
-from tests.support.torchserve import REPO, TorchServeInstance
+from harness import REPO
+from harness.context import run_batch
+from harness.inprocess import load_handler, png_bytes, unpack
+from harness.torchserve import TorchServeInstance
 from weights import digits
 
 CONCURRENCY = 16

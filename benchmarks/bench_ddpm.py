@@ -24,7 +24,8 @@ import torch
 import yaml
 
 from benchmarks.measure import interleaved, load
-from tests.support.torchserve import REPO, TorchServeInstance
+from harness import REPO
+from harness.torchserve import TorchServeInstance
 
 CONCURRENCY = 8
 STEPS = 50
@@ -36,8 +37,8 @@ CONFIG = REPO / "model_configs/ddpm/cpu.yaml"
 def raw_worker(threads: int, batch: int, barrier, rates) -> None:
     """One in-process sampler: waits at the barrier, times 3 batches, reports images/s; repeats."""
     from handlers.ddpm import DdpmHandler
-    from tests.conftest import load_handler, unpack
-    from tests.support.context import run_batch
+    from harness.context import run_batch
+    from harness.inprocess import load_handler, unpack
 
     torch.set_num_threads(threads)
     handler, ctx = load_handler(DdpmHandler, "ddpm", unpack(Path(tempfile.mkdtemp()) / "ddpm", "ddpm",

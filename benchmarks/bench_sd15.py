@@ -25,9 +25,10 @@ import yaml
 
 from benchmarks.measure import interleaved, latency_ms, load
 from handlers.sd15 import Sd15Handler
-from tests.conftest import load_handler, unpack
-from tests.support.context import run_batch
-from tests.support.torchserve import REPO, TorchServeInstance
+from harness import REPO
+from harness.context import run_batch
+from harness.inprocess import load_handler, unpack
+from harness.torchserve import TorchServeInstance
 
 CONCURRENCY = 4
 REQ = {"prompt": "a lighthouse at dusk", "steps": 10, "width": 64, "height": 64}

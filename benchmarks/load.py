@@ -20,8 +20,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from benchmarks.measure import percentile
-from tests.support.torchserve import REPO, TorchServeInstance
-from tests.support.traffic import rss_mb, valid_payloads, worker_pids
+from harness import REPO
+from harness.torchserve import TorchServeInstance
+from harness.traffic import rss_mb, valid_payloads, worker_pids
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ARCHIVES = {"cam": "cam.mar", "ddpm": "ddpm.mar", "sd15": "sd15"}

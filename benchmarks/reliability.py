@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 from benchmarks.load import ARCHIVES, available, run_load
-from tests.support import bad_inputs
-from tests.support.torchserve import REPO, TorchServeInstance
-from tests.support.traffic import kill_worker_under_load, valid_payloads, worker_pids
+from harness import REPO, bad_inputs
+from harness.torchserve import TorchServeInstance
+from harness.traffic import kill_worker_under_load, valid_payloads, worker_pids
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DOC = REPO / "docs" / "RELIABILITY.md"

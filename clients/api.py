@@ -155,8 +155,12 @@ class TorchServeClient:
     def list_models(self) -> list[dict]:
         return self._checked("management", "GET", f"{self.management_url}/models?limit=1000")["models"]
 
-    def describe(self, model: str, version: str | None = None) -> list[dict]:
-        return self._checked("management", "GET", f"{self.management_url}/models/{self._path(model, version)}")
+    def describe(self, model: str, version: str | None = None, customized: bool = False) -> list[dict]:
+        """TorchServe's model description; `customized` adds the handler's own: the request
+        JSON Schema with this archive's limits, schedulers / CAM methods, profile, target."""
+        params = {"customized": "true"} if customized else None
+        return self._checked("management", "GET", f"{self.management_url}/models/{self._path(model, version)}",
+                             params=params)
 
     def register(self, url: str, model_name: str | None = None, batch_size: int | None = None,
                  max_batch_delay: int | None = None, initial_workers: int = 1,

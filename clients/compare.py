@@ -23,38 +23,23 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
-from PIL import Image, UnidentifiedImageError
-from torchvision.datasets.folder import IMG_EXTENSIONS
+from PIL import Image
 from tqdm import tqdm
 
 from clients.api import ServerError, TorchServeClient
 from clients.options import add_server_options, client_from
+from weights.image_folder import ImageFolderError, read_image_folder
 
 
 class CompareError(ValueError):
-    """The folder or the versions cannot be compared; the message says why."""
+    """The versions cannot be compared; the message says why."""
 
 
 def labelled_images(folder: Path) -> list[tuple[Path, str]]:
-    """(image, class) pairs of an ImageFolder-layout folder (its test/ if present), each image
-    checked locally so that a bad file is named before any request is sent."""
-    folder = folder / "test" if (folder / "test").is_dir() else folder
-    if not folder.is_dir():
-        raise CompareError(f"{folder} is not a directory")
-    classes = sorted(d for d in folder.iterdir() if d.is_dir())
-    if not classes:
-        raise CompareError(f"no class folders in {folder} (expected {folder}/<class>/<image>)")
-    items = [(p, d.name) for d in classes for p in sorted(d.iterdir())
-             if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS]
-    if not items:
-        raise CompareError(f"no images in the class folders of {folder} ({', '.join(IMG_EXTENSIONS)})")
-    for path, _ in items:
-        try:
-            with Image.open(path) as img:
-                img.verify()
-        except (OSError, UnidentifiedImageError, SyntaxError) as exc:
-            raise CompareError(f"{path} is not a readable image ({type(exc).__name__}: {exc})") from None
-    return items
+    """(image, class) pairs of a labelled folder (its test/ if present), read and checked by
+    weights.image_folder before any request is sent."""
+    data = read_image_folder(folder, "test")
+    return [(Path(path), data.classes[target]) for path, target in data.samples]
 
 
 def _version_key(version: str):
@@ -209,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         items = labelled_images(args.folder)
         result = compare(client_from(args), items, args.versions, args.model, args.concurrency,
                          overlays=args.html is not None)
-    except (ServerError, CompareError, OSError, requests.RequestException) as exc:
+    except (ServerError, CompareError, ImageFolderError, OSError, requests.RequestException) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print_table(result, args.show)

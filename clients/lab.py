@@ -7,7 +7,7 @@
 4. archive the result as version 2.0 of cam in outputs/lab/ (./archive.sh --store outputs/lab
    --version 2.0 -> cam-2.0.mar). Not in model_store/: `load_models=all` would serve it at the
    next `make start`, possibly as cam's default version.
-5. a private TorchServe (free loopback ports, empty store: the launcher the tests use): register
+5. a private TorchServe (free loopback ports, empty store: harness/torchserve.py, as in the tests): register
    both archives through the management API, list the versions, make 2.0 the default
 6. compare both versions by POST (clients/compare.py) on the shifted test split ->
    outputs/compare.json + outputs/compare.html
@@ -25,7 +25,9 @@ import sys
 import time
 
 from clients import compare
-from tests.support.torchserve import REPO, TorchServeInstance
+from handlers.cam_model import CONFIG_NAME
+from harness import REPO
+from harness.torchserve import TorchServeInstance
 from weights import build_all, finetune_cam, make_shifted_digits
 
 SHIFTED = REPO / "data" / "shifted-digits"
@@ -81,7 +83,7 @@ def run(args, timings: dict) -> dict:
     step("cam 1.0", "1. cam 1.0: demo weights, model_store/cam.mar", timings, cam_1_0)
     if not (args.reuse and (SHIFTED / "test").is_dir() and (PLAIN / "test").is_dir()):
         step("datasets", "2. datasets: shifted digits + the same digits unshifted", timings, datasets)
-    if not (args.reuse and (FINETUNED / finetune_cam.CONFIG_NAME).is_file()):
+    if not (args.reuse and (FINETUNED / CONFIG_NAME).is_file()):
         code = step("fine-tune", "3. fine-tune from model_store/cam.mar", timings, finetune_cam.main,
                     [str(SHIFTED), "--base", str(STORE / "cam.mar"), "--out", str(FINETUNED),
                      "--epochs", str(args.epochs), "--threads", str(args.threads)])

@@ -2,6 +2,7 @@
 scale workers, set the default version, unregister, and wait until models are READY.
 
     python -m clients.manage list
+    python -m clients.manage describe sd15          # incl. the request JSON Schema of the archive
     python -m clients.manage register cam.mar --batch-size 8 --max-batch-delay 50
     python -m clients.manage scale cam --min 2 --max 2
     python -m clients.manage set-default cam 2.0
@@ -23,9 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     add_server_options(parser)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="registered models")
-    p = sub.add_parser("describe", help="workers, batch settings, versions of one model")
+    p = sub.add_parser("describe", help="workers, batch settings, versions, request schema of one model")
     p.add_argument("model")
     p.add_argument("--version")
+    p.add_argument("--no-customized", dest="customized", action="store_false",
+                   help="skip the handler's description (request schema, schedulers, profile)")
     p = sub.add_parser("register", help="register an archive from the model store")
     p.add_argument("url", help="archive file name in the model store, e.g. cam.mar")
     p.add_argument("--name", help="model name (default: from the archive)")
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "list":
             result = client.list_models()
         elif args.command == "describe":
-            result = client.describe(args.model, args.version)
+            result = client.describe(args.model, args.version, customized=args.customized)
         elif args.command == "register":
             result = client.register(args.url, model_name=args.name, batch_size=args.batch_size,
                                      max_batch_delay=args.max_batch_delay, initial_workers=args.workers,

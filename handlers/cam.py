@@ -8,15 +8,14 @@ computed from the same forward pass that classifies. Other methods use the `grad
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from PIL import Image
+from pydantic import Field, PrivateAttr, ValidationInfo, model_validator
 from pytorch_grad_cam import (
     EigenCAM,
     GradCAM,
@@ -28,23 +27,12 @@ from pytorch_grad_cam import (
 )
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-from safetensors.torch import load_file
 from torchvision.models.feature_extraction import create_feature_extractor
-from torchvision.transforms import v2
 
-from handlers.common import (
-    PNG_TYPE,
-    BatchedHandler,
-    Outcome,
-    Param,
-    b64_png,
-    decode_image,
-    encode_png,
-    header,
-    parse_params,
-    request_body,
-    wants_png,
-)
+from handlers import cam_model
+from handlers.common import PNG_TYPE, BatchedHandler, Group, Outcome, Pending, request_body
+from handlers.images import b64_png, decode_image, encode_png
+from handlers.request import BATCHED, Base64Image, ConfigMax, RequestModel
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +48,33 @@ GRAD_CAM_METHODS = {
     "gradcam-backprop": GradCAM,
 }
 METHODS = (FAST_METHOD, *GRAD_CAM_METHODS)
-DEFAULT_MAX_PIXELS = 16_000_000
+
+
+class CamRequest(RequestModel):
+    """`POST /predictions/cam` (JSON; the raw image as the body takes the defaults), also
+    `POST /explanations/cam`: top-k classes and the class activation map of one class."""
+
+    image: Base64Image
+    """The image to classify (required in JSON); transparent pixels become the background the model was trained on."""
+    topk: Annotated[int, Field(ge=1), ConfigMax("num_classes")] = 5
+    """How many classes to return, most probable first (at most the number of classes)."""
+    target: Annotated[int | None, Field(ge=0), ConfigMax("max_target")] = None
+    """Class index whose activation map to draw; null = the predicted class."""
+    method: Annotated[Literal[METHODS], BATCHED] = FAST_METHOD
+    """CAM method: 'gradcam' from the classifying forward pass (no backward pass), the others from pytorch-grad-cam."""
+
+    _image: Image.Image | None = PrivateAttr(None)
+
+    @property
+    def decoded(self) -> Image.Image:
+        return self._image
+
+    @model_validator(mode="after")
+    def _decode(self, info: ValidationInfo):
+        ctx = info.context
+        self._image = decode_image(self.image, ctx["image_field"], ctx["max_pixels"], mode=ctx["mode"],
+                                   background=ctx["background"])
+        return self
 
 
 def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
@@ -80,71 +94,46 @@ def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 class CamHandler(BatchedHandler):
     """Top-k classification plus a class activation map, batched."""
 
+    request_type = CamRequest
+
     def initialize(self, context):
         wdir = self.prepare(context)
         self.load_weights(wdir)
-        self.max_pixels = int(self.config.get("max_image_pixels", DEFAULT_MAX_PIXELS))
-        self.spec = {
-            "image": Param(str),  # base64; required in a JSON body
-            "topk": Param(int, min(5, self.num_classes), minimum=1, maximum=self.num_classes),
-            "target": Param(int, None, minimum=0, maximum=self.num_classes - 1, nullable=True),
-            "method": Param(str, FAST_METHOD, choices=METHODS),
-        }
+        self.bind_request({"num_classes": self.num_classes, "max_target": self.num_classes - 1})
         self.initialized = True
         logger.info("cam: %s with %d classes on %s", self.arch, self.num_classes, self.device)
 
     def load_weights(self, wdir: str) -> None:
-        config_path = os.path.join(wdir, "cam_config.json")
-        weights_path = os.path.join(wdir, "model.safetensors")
-        for path in (config_path, weights_path):
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"cam: missing weights file {path}")
-        with open(config_path) as f:
-            cfg = json.load(f)
+        cfg = cam_model.read_config(wdir)
         self.arch = cfg["arch"]
         self.labels = list(cfg["labels"])
         self.num_classes = int(cfg["num_classes"])
-        model = torchvision.models.get_model(self.arch, num_classes=self.num_classes)
-        try:
-            model.load_state_dict(load_file(weights_path))
-        except Exception as exc:
-            raise RuntimeError(f"cam: cannot load weights file {weights_path}: {exc}") from exc
-        self.model = model.to(self.device).eval()
-        self.target_layer = cfg.get("target_layer", "layer4")
-        self.classifier = self.model.get_submodule(cfg.get("classifier_layer", "fc"))
+        self.model = cam_model.load_model(wdir, cfg).to(self.device)
+        self.target_layer = cfg["target_layer"]
+        self.classifier = self.model.get_submodule(cfg["classifier_layer"])
         self.extractor = create_feature_extractor(
-            self.model, return_nodes={self.target_layer: "features", cfg.get("classifier_layer", "fc"): "logits"}
+            self.model, return_nodes={self.target_layer: "features", cfg["classifier_layer"]: "logits"}
         )
         with torch.inference_mode():
             probe = torch.zeros(1, 3, int(cfg["input_size"]), int(cfg["input_size"]), device=self.device)
             self.map_size = tuple(self.extractor(probe)["features"].shape[-2:])
-        self.grayscale = bool(cfg.get("grayscale", False))
-        self.crop = v2.Compose([v2.Resize(int(cfg["resize"])), v2.CenterCrop(int(cfg["input_size"]))])
-        self.to_tensor = v2.Compose(
-            [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(cfg["mean"], cfg["std"])]
-        )
+        self.grayscale = bool(cfg["grayscale"])
+        self.background = cfg["background"]
+        self.crop = cam_model.crop_transform(cfg)
+        self.to_tensor = cam_model.tensor_transform(cfg)
 
     # preprocess ---------------------------------------------------------------------------
-    def parse(self, row, idx: int) -> dict:
+    def parse(self, row) -> CamRequest:
+        """A JSON body, or the raw image bytes as the body (every other field at its default)."""
         body = request_body(row)
+        ctx = {"max_pixels": int(self.config["max_image_pixels"]), "mode": "L" if self.grayscale else "RGB",
+               "background": tuple(self.background)}
         if isinstance(body, dict):
-            params = parse_params(body, self.spec)
-            data, field = params.pop("image"), "image"
-        else:
-            params = {name: p.default for name, p in self.spec.items() if name != "image"}
-            data, field = body, "body"
-        image = decode_image(data, field, self.max_pixels, mode="L" if self.grayscale else "RGB")
-        shown = self.crop(image.convert("RGB"))
-        params.update(
-            shown=shown,
-            tensor=self.to_tensor(shown),
-            explain=header(self.context, idx, "explain") == "True",
-            png=wants_png(self.context, idx),
-        )
-        return params
+            return self.request.parse(body, {**ctx, "image_field": "image"})
+        return self.request.parse({"image": body}, {**ctx, "image_field": "body"})
 
-    def group_key(self, req: dict):
-        return req["method"]
+    def capabilities(self) -> dict:
+        return {"methods": list(METHODS), "labels": self.labels, "arch": self.arch}
 
     # inference ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -179,35 +168,35 @@ class CamHandler(BatchedHandler):
             )
         return probs, chosen.to(self.device), torch.from_numpy(np.asarray(coarse, dtype=np.float32))
 
-    def run_group(self, reqs: list[dict]) -> list[Outcome]:
-        batch = torch.stack([r["tensor"] for r in reqs])
-        targets = [r["target"] for r in reqs]
-        method = reqs[0]["method"]
-        if method == FAST_METHOD:
+    def run_group(self, group: Group) -> list[tuple]:
+        """Per image: (the cropped picture the model saw, probabilities, target, coarse map, full map)."""
+        shown = [self.crop(img.convert("RGB")) for img in group.per_image("decoded")]
+        batch = torch.stack([self.to_tensor(img) for img in shown])
+        targets = group.per_image("target")
+        if group.shared["method"] == FAST_METHOD:
             probs, chosen, maps = self.fast_cam(batch, targets)
         else:
-            probs, chosen, maps = self.library_cam(batch, targets, method)
+            probs, chosen, maps = self.library_cam(batch, targets, group.shared["method"])
         full = upsample_maps(maps, tuple(batch.shape[-2:])).cpu().numpy()
-        return [
-            self.respond(req, probs[i].cpu(), int(chosen[i]), maps[i].cpu(), full[i])
-            for i, req in enumerate(reqs)
-        ]
+        return [(shown[i], probs[i].cpu(), int(chosen[i]), maps[i].cpu(), full[i]) for i in range(len(shown))]
 
     # postprocess --------------------------------------------------------------------------
-    def respond(self, req: dict, probs: torch.Tensor, target: int, coarse: torch.Tensor, full: np.ndarray):
+    def respond(self, pending: Pending, results: list[tuple]) -> Outcome:
+        req = pending.params
+        ((shown, probs, target, coarse, full),) = results
         cam = {
             "target": target,
             "label": self.labels[target],
-            "method": req["method"],
+            "method": req.method,
             "map": [[round(float(v), 5) for v in row] for row in coarse],
         }
-        if req["explain"]:
+        if pending.explain:
             return Outcome(response=cam)
-        base = np.asarray(req["shown"], dtype=np.float32) / 255.0
+        base = np.asarray(shown, dtype=np.float32) / 255.0
         overlay = Image.fromarray(show_cam_on_image(base, full, use_rgb=True, image_weight=0.5))
-        if req["png"]:
+        if pending.png:
             return Outcome(response=encode_png(overlay), content_type=PNG_TYPE)
-        top = probs.topk(req["topk"])
+        top = probs.topk(req.topk)
         predictions = [
             {"index": int(i), "label": self.labels[int(i)], "probability": round(float(p), 6)}
             for p, i in zip(top.values, top.indices)

@@ -1,5 +1,6 @@
-"""What every handler shares: request parsing and validation, per-request errors inside a batch,
-image decoding/encoding, seeds, device/dtype choice and the model config's `handler:` section.
+"""What every handler shares: the TorchServe batch turned into declared requests, grouped into
+forward passes and answered one response per request, with per-request errors; request bodies;
+device/dtype choice and the model config's `handler:` section.
 
 All three handlers answer bad input the same way because they all go through this module:
 HTTP 400 with `{"error": "...", "field": "..."}` for the bad request only, while the other
@@ -7,118 +8,23 @@ requests of the same TorchServe batch are answered normally.
 """
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import json
 import logging
 import math
 import os
-import secrets
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any
 
 import torch
-from PIL import Image, ImageFile, UnidentifiedImageError
 from ts.torch_handler.base_handler import BaseHandler
+
+from handlers.errors import RequestError
+from handlers.request import RequestModel
 
 logger = logging.getLogger(__name__)
 
-# Truncated uploads must fail loudly instead of being padded with grey.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-MAX_SEED = 2**63 - 1
 JSON_TYPE = "application/json"
 PNG_TYPE = "image/png"
-
-
-class RequestError(Exception):
-    """A problem with one request; becomes an HTTP error for that request only."""
-
-    def __init__(self, field: str | None, message: str, status: int = 400):
-        super().__init__(message)
-        self.field = field
-        self.message = message
-        self.status = status
-
-    def body(self) -> dict:
-        return {"error": self.message, "field": self.field}
-
-
-@dataclass(frozen=True)
-class Param:
-    """One documented request parameter: type, default and allowed values."""
-
-    kind: type  # int, float, str, bool
-    default: Any = None
-    minimum: float | None = None
-    maximum: float | None = None
-    choices: Sequence[str] | None = None
-    nullable: bool = False
-    # Strict lower bound: strength must lie in (0, 1], not [0, 1].
-    exclusive_minimum: bool = False
-
-    def describe(self) -> str:
-        if self.choices is not None:
-            return "one of " + ", ".join(repr(c) for c in self.choices)
-        name = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[self.kind]
-        if self.minimum is not None and self.maximum is not None:
-            left = "(" if self.exclusive_minimum else "["
-            name += f" in {left}{_fmt(self.minimum)}, {_fmt(self.maximum)}]"
-        elif self.minimum is not None:
-            name += f" >= {_fmt(self.minimum)}"
-        if self.nullable:
-            name += " or null"
-        return name
-
-
-def _fmt(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else str(x)
-
-
-def validate(name: str, value: Any, param: Param) -> Any:
-    """Checks one value against its Param and returns it (ints are accepted for floats)."""
-    if value is None:
-        if param.nullable:
-            return None
-        raise RequestError(name, f"'{name}' is required: {param.describe()}")
-    kind_ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }[param.kind]
-    if not kind_ok:
-        raise RequestError(
-            name, f"'{name}' must be {param.describe()}, got {type(value).__name__} {_short(value)}"
-        )
-    if param.kind is float:
-        value = float(value)
-        if not math.isfinite(value):
-            raise RequestError(name, f"'{name}' must be {param.describe()}, got {value}")
-    if param.choices is not None and value not in param.choices:
-        raise RequestError(name, f"'{name}' must be {param.describe()}, got {_short(value)}")
-    too_low = param.minimum is not None and (
-        value <= param.minimum if param.exclusive_minimum else value < param.minimum
-    )
-    too_high = param.maximum is not None and value > param.maximum
-    if too_low or too_high:
-        raise RequestError(name, f"'{name}' must be {param.describe()}, got {_short(value)}")
-    return value
-
-
-def _short(value: Any, limit: int = 40) -> str:
-    text = json.dumps(value) if not isinstance(value, (bytes, bytearray)) else f"<{len(value)} bytes>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def parse_params(body: dict, spec: dict[str, Param]) -> dict:
-    """Validates a JSON object against a parameter spec; fills defaults; rejects unknown fields."""
-    unknown = sorted(set(body) - set(spec))
-    if unknown:
-        raise RequestError(unknown[0], f"unknown field '{unknown[0]}'; allowed fields: {', '.join(spec)}")
-    return {name: validate(name, body.get(name, param.default), param) for name, param in spec.items()}
 
 
 def request_body(row: Any) -> dict | bytes:
@@ -168,77 +74,6 @@ def json_body(row: Any) -> dict:
     return body
 
 
-def decode_base64(value: str, name: str) -> bytes:
-    if "," in value[:100] and value.startswith("data:"):
-        value = value.split(",", 1)[1]  # accept data: URLs as browsers produce them
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise RequestError(name, f"'{name}' is not valid base64") from None
-
-
-def decode_image(data: bytes | str, name: str, max_pixels: int, mode: str = "RGB") -> Image.Image:
-    """Bytes or base64 -> a fully decoded PIL image in `mode`.
-
-    The pixel count is checked from the header before any pixel is decoded, so a decompression
-    bomb costs nothing; truncated or undecodable data gives a 400 naming the field.
-    """
-    if isinstance(data, str):
-        data = decode_base64(data, name)
-    if not data:
-        raise RequestError(name, f"'{name}' is empty")
-    too_big = f"'{name}' has more pixels than the limit of {max_pixels}"
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-            if w * h > max_pixels:
-                raise RequestError(name, f"{too_big} ({w}x{h} = {w * h})")
-            img.load()
-            return img.convert(mode)
-    except RequestError:
-        raise
-    except Image.DecompressionBombError:
-        raise RequestError(name, f"{too_big} (decompression bomb)") from None
-    except UnidentifiedImageError:
-        raise RequestError(name, f"'{name}' is not an image in a known format (PNG, JPEG, WebP, ...)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise RequestError(name, f"'{name}' is not a decodable image: {exc}") from None
-
-
-def encode_png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def b64_png(img: Image.Image) -> str:
-    return base64.b64encode(encode_png(img)).decode("ascii")
-
-
-def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """(B, C, H, W) floats in [0, 1] -> PIL images (L for 1 channel, RGB for 3)."""
-    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    if arr.shape[-1] == 1:
-        return [Image.fromarray(a[..., 0], mode="L") for a in arr]
-    return [Image.fromarray(a, mode="RGB") for a in arr]
-
-
-def resolve_seed(seed: int | None) -> int:
-    """The seed a request uses: its own, or a fresh random one (reported back either way)."""
-    return secrets.randbelow(2**53) if seed is None else seed
-
-
-SEED_PARAM = Param(int, None, minimum=0, maximum=MAX_SEED, nullable=True)
-
-
-def group_by(items: Sequence[Any], key: Callable[[Any], Hashable]) -> dict[Hashable, list[int]]:
-    """Indices of items grouped by key, groups in order of first appearance."""
-    groups: dict[Hashable, list[int]] = {}
-    for i, item in enumerate(items):
-        groups.setdefault(key(item), []).append(i)
-    return groups
-
-
 def handler_config(context) -> dict:
     """The `handler:` section of the archive's model-config yaml ({} when absent)."""
     return dict((getattr(context, "model_yaml_config", None) or {}).get("handler") or {})
@@ -265,9 +100,12 @@ def select_device(context, config: dict) -> tuple[torch.device, torch.dtype]:
 
 def timeout_budget(context, config: dict, rate_key: str) -> float:
     """Work units a batch may hold: the config's measured rate (units/s) x the model's
-    responseTimeout x a safety margin (`timeout_margin`, default 0.7)."""
-    timeout_s = float((getattr(context, "model_yaml_config", None) or {}).get("responseTimeout", 120))
-    return float(config.get(rate_key, math.inf)) * timeout_s * float(config.get("timeout_margin", 0.7))
+    responseTimeout x the config's safety margin `timeout_margin`."""
+    timeout_s = float(context.model_yaml_config["responseTimeout"])
+    for key in (rate_key, "timeout_margin"):
+        if key not in config:
+            raise KeyError(f"model config lacks handler.{key} (needed for the time budget)")
+    return float(config[rate_key]) * timeout_s * float(config["timeout_margin"])
 
 
 def model_dir(context) -> str:
@@ -296,6 +134,8 @@ def wants_png(context, idx: int) -> bool:
     return accept.split(";")[0].strip().lower() == PNG_TYPE
 
 
+
+
 @dataclass
 class Outcome:
     """What one request of a batch ends with: a response or an error."""
@@ -306,20 +146,66 @@ class Outcome:
     headers: dict = field(default_factory=dict)
 
 
+@dataclass
+class Pending:
+    """One valid request of a batch, with what its headers asked for."""
+
+    idx: int  # position in the TorchServe batch
+    params: RequestModel
+    png: bool  # `Accept: image/png` and one image: answer the PNG itself
+    explain: bool  # sent to /explanations/<model>
+
+
+@dataclass
+class Group:
+    """Requests of one batch whose batched fields are equal: run as ONE forward pass.
+
+    `shared` holds only the batched fields and properties (`RequestModel.shared()`), so a group
+    function cannot read a per-request field from another request by mistake; per-request fields
+    come per image through `per_image`. Each request has its own seeded torch.Generator, repeated
+    for each of its images (diffusers accepts one generator per image).
+    """
+
+    shared: dict[str, Any]
+    requests: list[Pending]
+
+    def per_image(self, name: str) -> list:
+        return [getattr(p.params, name) for p in self.requests for _ in range(p.params.images_requested)]
+
+    def generators(self) -> list[torch.Generator]:
+        gens = []
+        for p in self.requests:
+            gen = torch.Generator(device="cpu").manual_seed(p.params.seed)
+            gens += [gen] * p.params.images_requested  # a request's images draw from its own stream
+        return gens
+
+    def first_images(self) -> list[int]:
+        """Index of each request's first image among the group's images."""
+        starts, n = [], 0
+        for p in self.requests:
+            starts.append(n)
+            n += p.params.images_requested
+        return starts
+
+
 class BatchedHandler(BaseHandler):
     """preprocess -> inference -> postprocess over a TorchServe batch with per-request errors.
 
-    Subclasses implement `parse(row, idx)` (raise RequestError for bad input), `group_key(req)`
-    (requests with equal keys share one forward pass) and `run_group(reqs)` (returns one
-    Outcome-compatible response per request). This class keeps the batch order, turns errors
-    into 400s for their request only, and reports the batch size in an `X-Batch-Size` header.
+    Subclasses set `request_type` (their declared RequestModel) and implement
+    `run_group(group) -> one result per image` and `respond(pending, results) -> Outcome`.
+    This class parses each row into the bound request type, groups requests by their batched
+    fields, runs one group after another, slices the results back per request, keeps the batch
+    order, turns errors into 400s for their request only, and reports the batch size in an
+    `X-Batch-Size` header. BaseHandler.handle() stays the entry point, so describe
+    (`GET /models/<m>?customized=true`), explain and the profiler work as TorchServe documents.
 
-    Time budget: a handler whose requests vary in cost sets `budget` (work units a batch may
-    take on within TorchServe's responseTimeout, see `timeout_budget`) and `cost(req)`. A
-    request that alone exceeds it is refused in parse (`check_cost`); requests that would push
-    the batch past it get 503 (clients retry), so TorchServe never kills a worker for a slow batch.
+    Time budget: `budget` is the work a batch may take on within TorchServe's responseTimeout
+    (`timeout_budget`), counted by each request's `cost()`. A request that alone exceeds it is
+    refused (400); requests that would push the batch past it get 503 (clients retry), so
+    TorchServe never kills a worker for a slow batch.
     """
 
+    request_type: type[RequestModel]
     budget: float = math.inf
 
     def prepare(self, context) -> str:
@@ -330,48 +216,73 @@ class BatchedHandler(BaseHandler):
         self.device, self.dtype = select_device(context, self.config)
         return weights_dir(context)
 
+    def bind_request(self, model_limits: dict | None = None) -> None:
+        """The request type with this archive's limits: the config's `handler:` section, plus
+        limits that come from the model itself (e.g. the number of classes)."""
+        self.request = type(self).request_type.bind({**self.config, **(model_limits or {})})
+
+    def validation_context(self) -> dict:
+        """What a request's validators need beyond the body (image limits, the model's size)."""
+        return {}
+
+    # preprocess ----------------------------------------------------------------------------
     def preprocess(self, data: list) -> list:
         parsed = []
         for idx, row in enumerate(data):
             try:
-                parsed.append(self.parse(row, idx))
+                params = self.parse(row)
+                self.check_cost(params)
+                parsed.append(Pending(idx, params, png=wants_png(self.context, idx) and params.images_requested == 1,
+                                      explain=header(self.context, idx, "explain") == "True"))
             except RequestError as err:
                 parsed.append(err)
         return parsed
 
-    def cost(self, req: Any) -> float:
-        return 0.0
+    def parse(self, row: Any) -> RequestModel:
+        """One row -> the bound request (JSON bodies; cam also takes raw image bytes)."""
+        return self.request.parse(json_body(row), self.validation_context())
 
-    def check_cost(self, req: Any, field: str, what: str) -> None:
-        if self.cost(req) > self.budget:
-            raise RequestError(field, f"{what} cannot finish within this server's response timeout "
-                                      f"(at most {self.budget:.0f} work units per batch on this target; this "
-                                      f"request needs {self.cost(req):.0f}); lower '{field}'")
+    def check_cost(self, params: RequestModel) -> None:
+        need = params.cost()
+        if need > self.budget:
+            name = params.cost_field()
+            raise RequestError(name, f"{params.cost_summary()} cannot finish within this server's response timeout "
+                                     f"(at most {self.budget:.0f} work units per batch on this target; this "
+                                     f"request needs {need:.0f}); lower '{name}'")
 
+    # inference -----------------------------------------------------------------------------
     def inference(self, parsed: list, *args, **kwargs) -> list[Outcome]:
         spent = 0.0
         for i, req in enumerate(parsed):
-            if not isinstance(req, RequestError):
-                spent += self.cost(req)
+            if isinstance(req, Pending):
+                spent += req.params.cost()
                 if spent > self.budget:
                     parsed[i] = RequestError(None, "server busy: this batch is at its time budget; retry", 503)
         outcomes = [Outcome(error=p) if isinstance(p, RequestError) else None for p in parsed]
-        valid = [i for i, p in enumerate(parsed) if not isinstance(p, RequestError)]
-        groups = group_by([parsed[i] for i in valid], self.group_key)
+        groups: dict[tuple, list[Pending]] = {}
+        for p in parsed:
+            if isinstance(p, Pending):
+                groups.setdefault(p.params.batch_key(), []).append(p)
         for members in groups.values():
-            idxs = [valid[m] for m in members]
+            group = Group(shared=members[0].params.shared(), requests=members)
             try:
-                results = self.run_group([parsed[i] for i in idxs])
+                results = self.run_group(group)
+                answers, start = [], 0
+                for p in members:
+                    n = p.params.images_requested
+                    answers.append(self.respond(p, results[start : start + n]))
+                    start += n
             except RequestError as err:
-                results = [Outcome(error=err)] * len(idxs)
+                answers = [Outcome(error=err)] * len(members)
             except Exception as exc:  # noqa: BLE001 - one failing group must not fail the batch
-                logger.exception("group of %d requests failed", len(idxs))
+                logger.exception("group of %d requests failed", len(members))
                 err = RequestError(None, f"internal error: {type(exc).__name__}: {exc}", status=500)
-                results = [Outcome(error=err)] * len(idxs)
-            for i, res in zip(idxs, results):
-                outcomes[i] = res if isinstance(res, Outcome) else Outcome(response=res)
+                answers = [Outcome(error=err)] * len(members)
+            for p, answer in zip(members, answers):
+                outcomes[p.idx] = answer
         return outcomes
 
+    # postprocess ---------------------------------------------------------------------------
     def postprocess(self, outcomes: list[Outcome]) -> list:
         out = []
         for idx, oc in enumerate(outcomes):
@@ -389,19 +300,38 @@ class BatchedHandler(BaseHandler):
                 out.append(resp if isinstance(resp, (bytes, bytearray)) else json.dumps(resp))
         return out
 
-    def handle(self, data, context):
-        start = time.time()
-        self.context = context
-        outputs = self.postprocess(self.inference(self.preprocess(data)))
-        context.metrics.add_time("HandlerTime", round((time.time() - start) * 1000, 2), None, "ms")
-        return outputs
+    # BaseHandler's other paths -------------------------------------------------------------
+    def explain_handle(self, data_preprocess, raw_data):
+        """`POST /explanations/<model>`: the same path; each request's `explain` flag picks its answer."""
+        return self.postprocess(self.inference(data_preprocess))
 
-    # Subclass API ------------------------------------------------------------------------
-    def parse(self, row: Any, idx: int) -> Any:
+    def describe_handle(self) -> str:
+        """`GET /models/<model>?customized=true`: what this archive accepts and what it is."""
+        manifest = getattr(self.context, "manifest", None) or {}
+        return json.dumps({
+            "model": self.context.model_name,
+            "version": (manifest.get("model") or {}).get("modelVersion"),
+            **self.archive_info(),
+            "request_schema": self.request.json_schema(),
+            **self.capabilities(),
+        })
+
+    def archive_info(self) -> dict:
+        """Profile and target archive.sh wrote into the archive (archive.json)."""
+        path = os.path.join(model_dir(self.context), "archive.json")
+        if not os.path.isfile(path):
+            return {"profile": None, "target": None}
+        with open(path) as f:
+            info = json.load(f)
+        return {"profile": info.get("profile"), "target": info.get("target")}
+
+    def capabilities(self) -> dict:
+        """Model-specific lists for describe (schedulers, CAM methods)."""
+        return {}
+
+    # Subclass API --------------------------------------------------------------------------
+    def run_group(self, group: Group) -> list:
         raise NotImplementedError
 
-    def group_key(self, req: Any) -> Hashable:
-        raise NotImplementedError
-
-    def run_group(self, reqs: list) -> list:
+    def respond(self, pending: Pending, results: list) -> Outcome:
         raise NotImplementedError

@@ -12,27 +12,17 @@ import base64
 import io
 import logging
 import time
+from typing import Annotated, Literal
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
+from pydantic import Field, model_validator
 
-from handlers.common import (
-    PNG_TYPE,
-    SEED_PARAM,
-    BatchedHandler,
-    Outcome,
-    Param,
-    RequestError,
-    b64_png,
-    encode_png,
-    json_body,
-    parse_params,
-    resolve_seed,
-    tensor_to_pil,
-    timeout_budget,
-    wants_png,
-)
+from handlers.common import PNG_TYPE, BatchedHandler, Group, Outcome, Pending, timeout_budget
+from handlers.errors import RequestError
+from handlers.images import b64_png, encode_png, tensor_to_pil
+from handlers.request import BATCHED, ConfigMax, SeededImages
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +30,40 @@ SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 TRAJECTORY_FRAMES = 10
 
 
+class DdpmRequest(SeededImages):
+    """`POST /predictions/ddpm`: unconditional samples of the archive's UNet."""
+
+    steps: Annotated[int, Field(ge=1), ConfigMax("max_steps"), BATCHED] = 50
+    """Denoising steps (at most the scheduler's training steps)."""
+    scheduler: Annotated[Literal[tuple(SCHEDULERS)], BATCHED] = "ddim"
+    """Sampler: deterministic DDIM (with eta) or the ancestral DDPM sampler."""
+    eta: Annotated[float | None, Field(ge=0.0, le=1.0), BATCHED] = None
+    """DDIM's noise weight (0 = deterministic); null = 0.0 for ddim. ddim only."""
+    trajectory: bool = False
+    """Adds `trajectory`: an animated GIF of the x0 estimates of the first image."""
+
+    @model_validator(mode="after")
+    def _resolve_eta(self):
+        if self.scheduler == "ddpm" and self.eta is not None:
+            raise RequestError("eta", "'eta' applies to the ddim scheduler only (ddpm always adds noise)")
+        if self.scheduler == "ddim" and self.eta is None:
+            self.eta = 0.0
+        return self
+
+    def cost(self) -> float:
+        return self.steps * self.num_images
+
+    def cost_field(self) -> str:
+        return "steps" if self.steps > self.num_images else "num_images"
+
+    def cost_summary(self) -> str:
+        return f"steps x num_images = {self.steps * self.num_images} image-steps"
+
+
 class DdpmHandler(BatchedHandler):
     """Batched DDPM / DDIM sampling with per-request seeds and a time budget per batch."""
+
+    request_type = DdpmRequest
 
     def initialize(self, context):
         wdir = self.prepare(context)
@@ -54,61 +76,29 @@ class DdpmHandler(BatchedHandler):
         size = self.unet.config.sample_size  # an int, or (height, width) for non-square models
         self.shape = (self.unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
         train_steps = int(self.scheduler_config["num_train_timesteps"])
-        self.max_steps = min(int(self.config.get("max_steps", train_steps)), train_steps)
-        self.max_images = int(self.config.get("max_num_images", 16))
+        self.bind_request({"max_steps": min(int(self.config["max_steps"]), train_steps)})
         self.budget = timeout_budget(context, self.config, "image_steps_per_second")
-        self.spec = {
-            "num_images": Param(int, 1, minimum=1, maximum=self.max_images),
-            "steps": Param(int, 50, minimum=1, maximum=self.max_steps),
-            "scheduler": Param(str, "ddim", choices=tuple(SCHEDULERS)),
-            "eta": Param(float, None, minimum=0.0, maximum=1.0, nullable=True),
-            "seed": SEED_PARAM,
-            "trajectory": Param(bool, False),
-        }
         self.initialized = True
         logger.info("ddpm: %s images, %s schedule, budget %.0f image-steps per batch on %s",
                     self.shape, self.scheduler_config.get("beta_schedule"), self.budget, self.device)
 
-    # preprocess ---------------------------------------------------------------------------
-    def parse(self, row, idx: int) -> dict:
-        params = parse_params(json_body(row), self.spec)
-        if params["scheduler"] == "ddpm" and params["eta"] is not None:
-            raise RequestError("eta", "'eta' applies to the ddim scheduler only (ddpm always adds noise)")
-        if params["scheduler"] == "ddim" and params["eta"] is None:
-            params["eta"] = 0.0
-        field = "steps" if params["steps"] > params["num_images"] else "num_images"
-        self.check_cost(params, field, f"steps x num_images = {params['steps'] * params['num_images']} image-steps")
-        params["seed"] = resolve_seed(params["seed"])
-        params["png"] = wants_png(self.context, idx) and params["num_images"] == 1
-        return params
-
-    def group_key(self, req: dict):
-        return req["scheduler"], req["steps"], req["eta"]
-
-    def cost(self, req: dict) -> float:
-        return req["steps"] * req["num_images"]
+    def capabilities(self) -> dict:
+        return {"schedulers": list(SCHEDULERS), "image_shape": list(self.shape)}
 
     # inference ----------------------------------------------------------------------------
-    def sample(self, reqs: list[dict]) -> tuple[torch.Tensor, list[list]]:
-        """One denoising loop for the whole group. Returns images in [0, 1] (N, C, H, W) and,
-        for requests that asked for it, the x0 estimates of their first image along the way."""
-        first = reqs[0]
-        scheduler = SCHEDULERS[first["scheduler"]].from_config(self.scheduler_config)
+    def run_group(self, group: Group) -> list[tuple]:
+        """One denoising loop for the whole group: per image, (PIL image, x0 frames or None)."""
+        shared = group.shared
+        scheduler = SCHEDULERS[shared["scheduler"]].from_config(self.scheduler_config)
         # Timesteps stay on the CPU, as in diffusers' DDPMPipeline: step() indexes the scheduler's
         # CPU tables with them; the UNet moves t to its own device.
-        scheduler.set_timesteps(first["steps"])
-        generators = []
-        for req in reqs:
-            gen = torch.Generator(device="cpu").manual_seed(req["seed"])
-            generators += [gen] * req["num_images"]  # a request's images draw from its own stream
-        n = len(generators)
-        x = randn_tensor((n, *self.shape), generator=generators, device=self.device, dtype=self.dtype)
+        scheduler.set_timesteps(shared["steps"])
+        generators = group.generators()
+        x = randn_tensor((len(generators), *self.shape), generator=generators, device=self.device, dtype=self.dtype)
         x = x * scheduler.init_noise_sigma
-        step_kwargs = {"eta": first["eta"]} if first["scheduler"] == "ddim" else {}
-        starts = [0]
-        for req in reqs:
-            starts.append(starts[-1] + req["num_images"])
-        watch = [starts[i] for i, r in enumerate(reqs) if r["trajectory"]]
+        step_kwargs = {"eta": shared["eta"]} if shared["scheduler"] == "ddim" else {}
+        wanted = group.per_image("trajectory")
+        watch = [i for i in group.first_images() if wanted[i]]
         keep = set(torch.linspace(0, len(scheduler.timesteps) - 1, TRAJECTORY_FRAMES).round().int().tolist())
         frames: dict[int, list] = {i: [] for i in watch}
         tick = time.monotonic()
@@ -121,28 +111,24 @@ class DdpmHandler(BatchedHandler):
                 for i in watch:
                     frames[i].append(out.pred_original_sample[i : i + 1].float())
             if time.monotonic() - tick > 10:
-                logger.info("ddpm: step %d/%d for %d images", k + 1, len(scheduler.timesteps), n)
+                logger.info("ddpm: step %d/%d for %d images", k + 1, len(scheduler.timesteps), len(generators))
                 tick = time.monotonic()
-        images = (x.float() / 2 + 0.5).clamp(0, 1)
-        return images, [frames.get(starts[i], []) for i in range(len(reqs))]
+        pils = tensor_to_pil((x.float() / 2 + 0.5).clamp(0, 1))
+        return [(pil, frames.get(i)) for i, pil in enumerate(pils)]
 
-    def run_group(self, reqs: list[dict]) -> list[Outcome]:
-        images, trajectories = self.sample(reqs)
-        outcomes, start = [], 0
-        for req, frames in zip(reqs, trajectories):
-            pils = tensor_to_pil(images[start : start + req["num_images"]])
-            start += req["num_images"]
-            if req["png"] and not req["trajectory"]:
-                outcomes.append(Outcome(response=encode_png(pils[0]), content_type=PNG_TYPE))
-                continue
-            body = {"images": [b64_png(p) for p in pils], "seed": req["seed"], "steps": req["steps"],
-                    "scheduler": req["scheduler"]}
-            if req["scheduler"] == "ddim":
-                body["eta"] = req["eta"]
-            if req["trajectory"]:
-                body["trajectory"] = self.trajectory_gif(frames)
-            outcomes.append(Outcome(response=body))
-        return outcomes
+    # postprocess --------------------------------------------------------------------------
+    def respond(self, pending: Pending, results: list[tuple]) -> Outcome:
+        req = pending.params
+        pils = [pil for pil, _ in results]
+        if pending.png and not req.trajectory:
+            return Outcome(response=encode_png(pils[0]), content_type=PNG_TYPE)
+        body = {"images": [b64_png(p) for p in pils], "seed": req.seed, "steps": req.steps,
+                "scheduler": req.scheduler}
+        if req.scheduler == "ddim":
+            body["eta"] = req.eta
+        if req.trajectory:
+            body["trajectory"] = self.trajectory_gif(results[0][1])
+        return Outcome(response=body)
 
     @staticmethod
     def trajectory_gif(frames: list[torch.Tensor]) -> str:

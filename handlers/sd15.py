@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Annotated, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -26,23 +27,13 @@ from diffusers import (
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
 )
+from PIL import Image
+from pydantic import Field, PrivateAttr, ValidationInfo, model_validator
 
-from handlers.common import (
-    PNG_TYPE,
-    SEED_PARAM,
-    BatchedHandler,
-    Outcome,
-    Param,
-    RequestError,
-    b64_png,
-    decode_image,
-    encode_png,
-    json_body,
-    parse_params,
-    resolve_seed,
-    timeout_budget,
-    wants_png,
-)
+from handlers.common import PNG_TYPE, BatchedHandler, Group, Outcome, Pending, timeout_budget
+from handlers.errors import RequestError
+from handlers.images import b64_png, decode_image, encode_png
+from handlers.request import BATCHED, Base64Image, ConfigMax, SeededImages
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +52,112 @@ REFERENCE_PIXELS = 512 * 512
 STEP_COST = (0.85, 0.15)
 DECODE_COST = (1.54, 0.02)
 ENCODE_COST = (0.67, 0.02)  # img2img encodes the input once, inpainting twice (image, masked image)
+# What a transparent pixel becomes: the image is flattened on white; in the mask it means "keep".
+IMAGE_BACKGROUND = (255, 255, 255)
+MASK_BACKGROUND = (0, 0, 0)
+
+
+class Sd15Request(SeededImages):
+    """`POST /predictions/sd15`: txt2img, or img2img with `image`, or inpainting with `image` + `mask`."""
+
+    prompt: str
+    """What to draw (CLIP reads the first 77 tokens; longer prompts get a `warnings` entry)."""
+    negative_prompt: str = ""
+    """What to steer away from (classifier-free guidance's unconditional branch)."""
+    steps: Annotated[int, Field(ge=1), ConfigMax("max_steps"), BATCHED] = 25
+    """Denoising steps; img2img and inpainting run int(steps x strength) of them."""
+    guidance_scale: Annotated[float, Field(ge=0.0), ConfigMax("max_guidance_scale"), BATCHED] = 7.5
+    """Classifier-free guidance weight (<= 1 turns guidance off)."""
+    width: Annotated[int | None, Field(ge=64, multiple_of=8), ConfigMax("max_size"), BATCHED] = None
+    """Output width; null = the input image's width (rounded down to a multiple of 8), else the model's native size."""
+    height: Annotated[int | None, Field(ge=64, multiple_of=8), ConfigMax("max_size"), BATCHED] = None
+    """Output height; null = like width."""
+    scheduler: Annotated[Literal[tuple(SCHEDULERS)], BATCHED] = "pndm"
+    """diffusers scheduler, built fresh per group from the weights' scheduler config."""
+    image: Base64Image | None = None
+    """Input image: img2img (SDEdit), or inpainting with `mask`. Transparent pixels become white."""
+    strength: Annotated[float | None, Field(gt=0.0, le=1.0), BATCHED] = None
+    """How far to re-noise `image`; null = 0.75 for img2img, 1.0 for inpainting. With `image` only."""
+    mask: Base64Image | None = None
+    """Inpainting mask, the size of `image`: white = repaint, black (or transparent) = keep."""
+
+    batched_properties: ClassVar[tuple[str, ...]] = ("mode",)
+    _image: Image.Image | None = PrivateAttr(None)
+    _mask: Image.Image | None = PrivateAttr(None)
+
+    @property
+    def mode(self) -> str:
+        return "txt2img" if self.image is None else "inpaint" if self.mask is not None else "img2img"
+
+    @property
+    def init_image(self) -> Image.Image | None:
+        """`image` decoded and resized to width x height."""
+        return self._image
+
+    @property
+    def mask_image(self) -> Image.Image | None:
+        return self._mask
+
+    @model_validator(mode="after")
+    def _resolve(self, info: ValidationInfo):
+        """Decodes the images and resolves the defaults of strength, width and height."""
+        ctx = info.context
+        if self.image is None:
+            for name in ("strength", "mask"):
+                if getattr(self, name) is not None:
+                    raise RequestError(name, f"'{name}' needs an 'image' (img2img / inpainting)")
+        else:
+            self._image = decode_image(self.image, "image", ctx["max_pixels"], mode="RGB", background=IMAGE_BACKGROUND)
+            if self.mask is not None:
+                self._mask = decode_image(self.mask, "mask", ctx["max_pixels"], mode="L", background=MASK_BACKGROUND)
+                if self._mask.size != self._image.size:
+                    raise RequestError("mask", f"'mask' is {self._mask.size[0]}x{self._mask.size[1]} but 'image' is "
+                                               f"{self._image.size[0]}x{self._image.size[1]}; they must match")
+            if self.strength is None:
+                self.strength = 0.75 if self.mode == "img2img" else 1.0
+            if self.denoising_steps < 1:
+                raise RequestError("strength", f"'steps' x 'strength' = {self.steps} x {self.strength} leaves no "
+                                               "denoising step (diffusers runs int(steps x strength)); raise "
+                                               "'strength' or 'steps'")
+        for axis, name in enumerate(("width", "height")):
+            if getattr(self, name) is None:
+                size = self._image.size[axis] // 8 * 8 if self._image is not None else ctx["native_size"]
+                low, high = 64, self.limits["max_size"]
+                if not low <= size <= high:
+                    raise RequestError("image", f"the image's {name} ({size}) is outside {self.describe(name)}; "
+                                                f"pass '{name}' to resize it")
+                setattr(self, name, size)
+        if self._image is not None:
+            self._image = self._image.resize((self.width, self.height))
+            if self._mask is not None:
+                self._mask = self._mask.resize((self.width, self.height))
+        return self
+
+    @property
+    def denoising_steps(self) -> int:
+        """The UNet steps this request runs: img2img and inpainting start int(steps x strength) from the end."""
+        return self.steps if self.mode == "txt2img" else min(int(self.steps * self.strength), self.steps)
+
+    def cost(self) -> float:
+        p = self.width * self.height / REFERENCE_PIXELS
+        per_image = self.denoising_steps * work(STEP_COST, p) + work(DECODE_COST, p)
+        per_image += {"txt2img": 0, "img2img": 1, "inpaint": 2}[self.mode] * work(ENCODE_COST, p)
+        return self.num_images * per_image
+
+    def cost_field(self) -> str:
+        return max(("steps", "num_images", "width"), key=lambda f: getattr(self, f) / self.limits[LIMIT_OF[f]])
+
+    def cost_summary(self) -> str:
+        return f"{self.num_images} image(s) of {self.width}x{self.height} at {self.steps} steps"
+
+
+LIMIT_OF = {"steps": "max_steps", "num_images": "max_num_images", "width": "max_size"}
 
 
 class Sd15Handler(BatchedHandler):
     """txt2img / img2img / inpainting with batching, seeds, limits and a time budget."""
+
+    request_type = Sd15Request
 
     def initialize(self, context):
         wdir = self.prepare(context)
@@ -96,113 +189,38 @@ class Sd15Handler(BatchedHandler):
         self.scheduler_config = base.scheduler.config
         self.tokenizer = base.tokenizer
         self.demo = os.path.isfile(os.path.join(wdir, "DEMO_MODEL.txt"))
-        self.max_pixels = int(self.config.get("max_image_pixels", 16_000_000))
+        # As diffusers' pipelines do: the UNet's sample size in pixels (512 for SD1.5).
+        self.native_size = int(base.unet.config.sample_size * base.vae_scale_factor)
+        self.bind_request()
         self.budget = timeout_budget(context, self.config, "steps_per_second_512")
-        max_size = int(self.config.get("max_size", 1024))
-        self.spec = {
-            "prompt": Param(str),
-            "negative_prompt": Param(str, ""),
-            "steps": Param(int, 25, minimum=1, maximum=int(self.config.get("max_steps", 150))),
-            "guidance_scale": Param(float, 7.5, minimum=0.0, maximum=30.0),
-            "width": Param(int, None, minimum=64, maximum=max_size, nullable=True),
-            "height": Param(int, None, minimum=64, maximum=max_size, nullable=True),
-            "seed": SEED_PARAM,
-            "scheduler": Param(str, "pndm", choices=tuple(SCHEDULERS)),
-            "num_images": Param(int, 1, minimum=1, maximum=int(self.config.get("max_num_images", 4))),
-            "image": Param(str, None, nullable=True),
-            "strength": Param(float, None, minimum=0.0, maximum=1.0, exclusive_minimum=True, nullable=True),
-            "mask": Param(str, None, nullable=True),
-        }
         self.initialized = True
         logger.info("sd15: loaded %s on %s (%s)%s", wdir, self.device, self.dtype, " [demo]" if self.demo else "")
 
-    # preprocess ---------------------------------------------------------------------------
-    def parse(self, row, idx: int) -> dict:
-        p = parse_params(json_body(row), self.spec)
-        warnings = [DEMO_WARNING] if self.demo else []
-        if p["image"] is None:
-            for name in ("strength", "mask"):
-                if p[name] is not None:
-                    raise RequestError(name, f"'{name}' needs an 'image' (img2img / inpainting)")
-            p["mode"] = "txt2img"
-        else:
-            p["mode"] = "inpaint" if p["mask"] is not None else "img2img"
-            p["image"] = decode_image(p["image"], "image", self.max_pixels, mode="RGB")
-            if p["mask"] is not None:
-                p["mask"] = decode_image(p["mask"], "mask", self.max_pixels, mode="L")
-                if p["mask"].size != p["image"].size:
-                    raise RequestError("mask", f"'mask' is {p['mask'].size[0]}x{p['mask'].size[1]} but 'image' is "
-                                               f"{p['image'].size[0]}x{p['image'].size[1]}; they must match")
-            if p["strength"] is None:
-                p["strength"] = 0.75 if p["mode"] == "img2img" else 1.0
-            if denoising_steps(p) < 1:
-                raise RequestError("strength", f"'steps' x 'strength' = {p['steps']} x {p['strength']} leaves no "
-                                               "denoising step (diffusers runs int(steps x strength)); raise "
-                                               "'strength' or 'steps'")
-        for name in ("width", "height"):
-            if p[name] is None:
-                # Default: the input image's size (rounded down to a multiple of 8), else 512.
-                size = p["image"].size[0 if name == "width" else 1] // 8 * 8 if p["image"] is not None else 512
-                p[name] = validate_size(name, size, self.spec[name])
-            elif p[name] % 8:
-                raise RequestError(name, f"'{name}' must be a multiple of 8, got {p[name]}")
-        if p["image"] is not None:
-            p["image"] = p["image"].resize((p["width"], p["height"]))
-            if p["mask"] is not None:
-                p["mask"] = p["mask"].resize((p["width"], p["height"]))
-        for name in ("prompt", "negative_prompt"):
-            n = len(self.tokenizer(p[name], truncation=False).input_ids)
-            if n > self.tokenizer.model_max_length:
-                warnings.append(f"'{name}' is {n} tokens; CLIP reads the first {self.tokenizer.model_max_length} "
-                                "(the rest was truncated)")
-        p["warnings"] = warnings
-        field = max(("steps", "num_images", "width"), key=lambda f: p[f] / self.spec[f].maximum)
-        self.check_cost(p, field, f"{p['num_images']} image(s) of {p['width']}x{p['height']} at {p['steps']} steps")
-        p["seed"] = resolve_seed(p["seed"])
-        p["png"] = wants_png(self.context, idx) and p["num_images"] == 1
-        return p
+    def validation_context(self) -> dict:
+        return {"max_pixels": int(self.config["max_image_pixels"]), "native_size": self.native_size}
 
-    def cost(self, req: dict) -> float:
-        p = req["width"] * req["height"] / REFERENCE_PIXELS
-        per_image = denoising_steps(req) * work(STEP_COST, p) + work(DECODE_COST, p)
-        per_image += {"txt2img": 0, "img2img": 1, "inpaint": 2}[req["mode"]] * work(ENCODE_COST, p)
-        return req["num_images"] * per_image
-
-    def group_key(self, req: dict):
-        return (req["mode"], req["width"], req["height"], req["steps"], req["scheduler"],
-                req["guidance_scale"], req["strength"])
+    def capabilities(self) -> dict:
+        return {"schedulers": list(SCHEDULERS), "modes": ["txt2img", "img2img", "inpaint"],
+                "native_size": self.native_size, "safety_checker": self.safety_checker is not None}
 
     # inference ----------------------------------------------------------------------------
-    def run_group(self, reqs: list[dict]) -> list[Outcome]:
-        first = reqs[0]
-        pipe = self.pipes[first["mode"]]
-        pipe.scheduler = SCHEDULERS[first["scheduler"]].from_config(self.scheduler_config)  # fresh per group
-        prompts, negatives, generators, images, masks = [], [], [], [], []
-        for req in reqs:
-            gen = torch.Generator(device="cpu").manual_seed(req["seed"])
-            for _ in range(req["num_images"]):
-                prompts.append(req["prompt"])
-                negatives.append(req["negative_prompt"])
-                generators.append(gen)
-                images.append(req["image"])
-                masks.append(req["mask"])
-        kwargs = dict(prompt=prompts, negative_prompt=negatives, num_inference_steps=first["steps"],
-                      guidance_scale=first["guidance_scale"], generator=generators, output_type="pil")
-        if first["mode"] == "txt2img":
-            kwargs.update(width=first["width"], height=first["height"])
-        else:
-            kwargs.update(image=images, strength=first["strength"])
-        if first["mode"] == "inpaint":
-            kwargs.update(mask_image=masks, width=first["width"], height=first["height"])
+    def run_group(self, group: Group) -> list[tuple]:
+        """One pipeline call for the group: per image, (PIL image, nsfw flag or None)."""
+        shared = group.shared
+        pipe = self.pipes[shared["mode"]]
+        pipe.scheduler = SCHEDULERS[shared["scheduler"]].from_config(self.scheduler_config)  # fresh per group
+        kwargs = dict(prompt=group.per_image("prompt"), negative_prompt=group.per_image("negative_prompt"),
+                      num_inference_steps=shared["steps"], guidance_scale=shared["guidance_scale"],
+                      generator=group.generators(), output_type="pil")
+        if shared["mode"] != "img2img":
+            kwargs.update(width=shared["width"], height=shared["height"])
+        if shared["mode"] != "txt2img":
+            kwargs.update(image=group.per_image("init_image"), strength=shared["strength"])
+        if shared["mode"] == "inpaint":
+            kwargs.update(mask_image=group.per_image("mask_image"))
         with torch.inference_mode():
             pils = pipe(**kwargs).images
-        flagged = self.check_safety(pils)
-        outcomes, start = [], 0
-        for req in reqs:
-            mine, nsfw = pils[start : start + req["num_images"]], flagged[start : start + req["num_images"]]
-            start += req["num_images"]
-            outcomes.append(self.respond(req, mine, nsfw))
-        return outcomes
+        return list(zip(pils, self.check_safety(pils)))
 
     def check_safety(self, pils: list) -> list[bool | None]:
         """The weights' safety checker on the images (None per image when there is none)."""
@@ -218,38 +236,33 @@ class Sd15Handler(BatchedHandler):
         return [bool(f) for f in has_nsfw]
 
     # postprocess --------------------------------------------------------------------------
-    def respond(self, req: dict, pils: list, nsfw: list[bool | None]) -> Outcome:
-        warnings = list(req["warnings"])
-        if req["png"] and not nsfw[0]:
+    def respond(self, pending: Pending, results: list[tuple]) -> Outcome:
+        req = pending.params
+        pils, nsfw = [p for p, _ in results], [f for _, f in results]
+        warnings = [DEMO_WARNING] if self.demo else []
+        for name in ("prompt", "negative_prompt"):
+            n = len(self.tokenizer(getattr(req, name), truncation=False).input_ids)
+            if n > self.tokenizer.model_max_length:
+                warnings.append(f"'{name}' is {n} tokens; CLIP reads the first {self.tokenizer.model_max_length} "
+                                "(the rest was truncated)")
+        if pending.png and not nsfw[0]:
             # A raw PNG has no body for the seed and the warnings: they travel as headers.
-            headers = {"X-Seed": str(req["seed"]), **({"X-Warnings": " | ".join(warnings)} if warnings else {})}
+            headers = {"X-Seed": str(req.seed), **({"X-Warnings": " | ".join(warnings)} if warnings else {})}
             return Outcome(response=encode_png(pils[0]), content_type=PNG_TYPE, headers=headers)
         if any(nsfw):
             warnings.append("the safety checker flagged some images; they are withheld (null in 'images')")
         body = {
             "images": [None if flag else b64_png(p) for p, flag in zip(pils, nsfw)],
-            "seed": req["seed"], "steps": req["steps"], "scheduler": req["scheduler"],
-            "guidance_scale": req["guidance_scale"], "width": req["width"], "height": req["height"],
-            "mode": req["mode"], "warnings": warnings,
+            "seed": req.seed, "steps": req.steps, "scheduler": req.scheduler,
+            "guidance_scale": req.guidance_scale, "width": req.width, "height": req.height,
+            "mode": req.mode, "warnings": warnings,
         }
-        if req["mode"] != "txt2img":
-            body["strength"] = req["strength"]
+        if req.mode != "txt2img":
+            body["strength"] = req.strength
         if self.safety_checker is not None:
             body["nsfw"] = nsfw
         return Outcome(response=body)
 
 
-def denoising_steps(req: dict) -> int:
-    """The UNet steps a request runs: img2img and inpainting start int(steps x strength) from the end."""
-    return req["steps"] if req["mode"] == "txt2img" else min(int(req["steps"] * req["strength"]), req["steps"])
-
-
 def work(coefficients: tuple[float, float], p: float) -> float:
     return coefficients[0] * p + coefficients[1] * p * p
-
-
-def validate_size(name: str, size: int, param: Param) -> int:
-    if not param.minimum <= size <= param.maximum:
-        raise RequestError("image", f"the image's {name} ({size}) is outside {param.describe()}; "
-                                    f"pass '{name}' to resize it")
-    return size

@@ -1,44 +1,13 @@
-"""Shared pytest fixtures: repo paths, demo weights, unpacked model dirs, handlers in-process."""
+"""Shared pytest fixtures: the demo handlers loaded in-process (helpers in harness/inprocess.py),
+a fake ResNet-50 file, one torch thread."""
 from __future__ import annotations
 
-import io
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.support.context import ServingMockContext
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def demo_weights(model: str) -> Path:
-    path = REPO / "weights" / "demo" / model
-    if not path.is_dir():
-        pytest.fail(f"{path} missing: run 'make weights' (make test does it first)")
-    return path
-
-
-def unpack(tmp: Path, model: str, weights: Path, target: str = "cpu") -> Path:
-    """A model dir laid out like TorchServe's unpacked archive of archive.sh."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    (tmp / "weights").symlink_to(weights.resolve())
-    shutil.copy(REPO / "model_configs" / model / f"{target}.yaml", tmp / f"{target}.yaml")
-    return tmp
-
-
-def load_handler(handler_cls, model: str, model_dir: Path, target: str = "cpu"):
-    ctx = ServingMockContext(model_dir, model, yaml_file=f"{target}.yaml")
-    handler = handler_cls()
-    handler.initialize(ctx)
-    return handler, ctx
-
-
-def png_bytes(img) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+from harness.inprocess import demo_weights, load_handler, unpack
 
 
 @pytest.fixture(scope="session")

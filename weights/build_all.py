@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+from handlers import cam_model
+
 ROOT = Path(__file__).resolve().parent
 HUB_REPOS = {"ddpm": "google/ddpm-cifar10-32", "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
 
@@ -55,6 +57,20 @@ def prepare_pretrained(model: str, out: Path) -> None:
     DiffusionPipeline.from_pretrained(HUB_REPOS[model]).save_pretrained(out)
 
 
+def is_current(model: str, out: Path) -> bool:
+    """The directory exists in the layout today's handler reads (a cam config written before a
+    key became required is rebuilt)."""
+    if model != "cam":
+        return (out / "model_index.json").is_file()
+    try:
+        cam_model.read_config(out)
+    except (OSError, ValueError) as exc:
+        if (out / cam_model.CONFIG_NAME).is_file():
+            print(f"weights: rebuilding {out}: {exc}")
+        return False
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", choices=("demo", "pretrained"), default="demo")
@@ -62,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for model in args.models:
         out = ROOT / args.profile / model
-        marker = "cam_config.json" if model == "cam" else "model_index.json"
-        if (out / marker).is_file():
+        if is_current(model, out):
             print(f"weights: {out} present")
             continue
         if args.profile == "demo":

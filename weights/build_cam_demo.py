@@ -18,9 +18,7 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,11 +28,12 @@ if not __package__:  # run as a file path (python weights/build_cam_demo.py): ma
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from handlers import cam_model
 from weights import digits
+from weights.atomic import atomic_dir
 
 ARCH = "resnet18"
 TARGET_LAYER = "layer4"
@@ -42,67 +41,19 @@ DEFAULT_OUT = "weights/demo/cam"
 DEFAULT_EPOCHS = 5
 DEFAULT_INPUT_SIZE = 128
 BATCH_SIZE = 32
-CONFIG_NAME = "cam_config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 # --------------------------------------------------------------------------- shared output helpers
 
 
 def write_cam_dir(out: str | os.PathLike, state_dict: dict[str, torch.Tensor], config: dict) -> Path:
-    """Write model.safetensors + cam_config.json to `out` atomically.
-
-    Everything goes to a temporary directory next to `out` first, which is renamed into place at
-    the end, so a killed run leaves either the previous `out` or the new one, never a half-written
-    one (only stray ``.<name>.tmp-*`` directories, which the next run does not mind).
-    """
-    out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    old = None
-    try:
+    """Write model.safetensors + cam_config.json to `out`, replacing it atomically (weights.atomic)."""
+    with atomic_dir(out) as tmp:
         # safetensors refuses non-contiguous (e.g. channels_last) tensors.
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "arch": config["arch"]})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        os.chmod(tmp / WEIGHTS_NAME, 0o644)  # safetensors creates it 0600
-        os.chmod(tmp, 0o755)  # mkdtemp creates it 0700
-        if out.exists():
-            # A directory cannot be os.replace()d onto a non-empty one: move the old one aside first.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and (old / out.name).exists() and not out.exists():
-            os.replace(old / out.name, out)  # put the previous result back
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return out
-
-
-def build_preprocess(config: dict):
-    """The preprocessing the handler applies to a PIL image, built from a cam_config.json dict.
-
-    Reference implementation (the handler has its own copy); used here for the held-out evaluation
-    so the reported accuracy is what the served model sees.
-    """
-    from torchvision.transforms import v2
-
-    steps = []
-    if config["grayscale"]:
-        steps.append(v2.Lambda(lambda im: im.convert("L")))
-    steps += [
-        v2.Lambda(lambda im: im.convert("RGB")),
-        v2.Resize(config["resize"]),
-        v2.CenterCrop(config["input_size"]),
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(config["mean"], config["std"]),
-    ]
-    return v2.Compose(steps)
+        save_file(tensors, str(tmp / cam_model.WEIGHTS_NAME), metadata={"format": "pt", "arch": config["arch"]})
+        (tmp / cam_model.CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return Path(out)
 
 
 def feature_map_size(model: torch.nn.Module, input_size: int, layer: str = TARGET_LAYER) -> list[int]:
@@ -156,10 +107,11 @@ def random_affine(x: torch.Tensor, gen: torch.Generator, max_deg: float = 12.0,
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def to_model_input(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """(B, 1, H, W) in [0, 1] -> normalized (B, 3, H, W), channels_last (faster convs on CPU)."""
-    x = (quantize(x) - mean) / std
-    return x.expand(-1, 3, -1, -1).contiguous(memory_format=torch.channels_last)
+def to_model_input(x: torch.Tensor, config: dict) -> torch.Tensor:
+    """(B, 1, H, W) in [0, 1] -> the model input (B, 3, H, W), channels_last (faster convs on CPU):
+    quantized, then normalised by the served preprocessing's tensor_transform (handlers.cam_model)."""
+    x = cam_model.tensor_transform(config)(quantize(x).expand(-1, 3, -1, -1))
+    return x.as_subclass(torch.Tensor).contiguous(memory_format=torch.channels_last)
 
 
 def train(args) -> tuple[torch.nn.Module, dict, dict]:
@@ -189,6 +141,9 @@ def train(args) -> tuple[torch.nn.Module, dict, dict]:
         "mean": [mean] * 3,
         "std": [std] * 3,
         "grayscale": True,
+        # What transparent pixels are flattened onto (handlers.images.decode_image): the digits
+        # are white ink on black, so a transparent background must read as black.
+        "background": [0, 0, 0],
         "target_layer": TARGET_LAYER,
         "profile": "demo",
         "source": (
@@ -199,7 +154,7 @@ def train(args) -> tuple[torch.nn.Module, dict, dict]:
         ),
     }
 
-    model = torchvision.models.resnet18(num_classes=digits.NUM_CLASSES)
+    model = cam_model.build_model(config)
     model = model.to(memory_format=torch.channels_last)
     steps_per_epoch = math.ceil(len(train_idx) / BATCH_SIZE)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
@@ -218,7 +173,7 @@ def train(args) -> tuple[torch.nn.Module, dict, dict]:
             xb = x_train[idx]
             if not args.no_augment:
                 xb = random_affine(xb, gen)
-            xb, yb = to_model_input(xb, mean, std), y_train[idx]
+            xb, yb = to_model_input(xb, config), y_train[idx]
             logits = model(xb)
             loss = F.cross_entropy(logits, yb, label_smoothing=0.05)
             opt.zero_grad(set_to_none=True)
@@ -260,7 +215,7 @@ def train(args) -> tuple[torch.nn.Module, dict, dict]:
 @torch.inference_mode()
 def evaluate(model, config, images, labels) -> tuple[float, int, float]:
     """Held-out accuracy through the exact PIL path the handler takes."""
-    preprocess = build_preprocess(config)
+    preprocess = cam_model.preprocess(config)
     x = torch.stack([preprocess(digits.to_pil(img, config["input_size"])) for img in images])
     y = torch.as_tensor(labels)
     logits = torch.cat([model(x[i:i + 128]) for i in range(0, len(x), 128)])

@@ -12,7 +12,6 @@ import argparse
 import gzip
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+
+from weights.atomic import atomic_dir  # noqa: E402
 
 DEFAULT_OUT = Path("weights/demo/sd15")
 MODEL_MAX_LENGTH = 77
@@ -281,36 +282,11 @@ def _verify(path: Path, size: int, steps: int) -> dict[str, float]:
     return timings
 
 
-def _normalise_permissions(root: Path) -> None:
-    """Give every file the umask's usual mode: safetensors writes its files 0600 (via a temp file),
-    which would hide the weights from a TorchServe running as another user."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for f in root.rglob("*"):
-        f.chmod((0o777 if f.is_dir() else 0o666) & ~umask)
-    root.chmod(0o777 & ~umask)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move finished `src` to `dst`, replacing an old `dst`; `dst` is never half written."""
-    old = None
-    if dst.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-        os.rename(dst, old / dst.name)
-    os.rename(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def build(out: Path = DEFAULT_OUT, seed: int = 0, check: bool = True) -> dict:
     """Build, save (atomically) and optionally verify the demo pipeline at `out`. Returns a report."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    # The temp dir sits next to `out` so the final rename stays on one filesystem.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        stage = tmp / out.name
+    with atomic_dir(out) as stage:
         with tempfile.TemporaryDirectory() as tok_tmp:
             write_tokenizer_files(Path(tok_tmp))
             pipe = build_pipeline(Path(tok_tmp), seed=seed)
@@ -319,12 +295,8 @@ def build(out: Path = DEFAULT_OUT, seed: int = 0, check: bool = True) -> dict:
         # of older transformers need them), next to the tokenizer.json transformers 5 writes.
         write_tokenizer_files(stage / "tokenizer")
         (stage / "DEMO_MODEL.txt").write_text(DEMO_NOTE.format(seed=seed), encoding="utf-8")
-        _normalise_permissions(stage)
         build_s = time.perf_counter() - t_start
         timings = verify(stage) if check else {}
-        _replace_dir(stage, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {
         "out": str(out),
         "build_seconds": build_s,

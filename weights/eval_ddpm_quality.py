@@ -64,32 +64,21 @@ def sample(ddpm_dir: str, num: int, steps: int, seed: int, eta: float = 0.0,
 
 
 class CamClassifier:
-    """The cam demo ResNet with the preprocessing its cam_config.json describes."""
+    """The cam classifier of a weights directory with the preprocessing its cam_config.json
+    describes (handlers.cam_model, as served)."""
 
     def __init__(self, cam_dir: str):
-        from safetensors.torch import load_file
-        from torchvision import transforms
-        from torchvision.models import resnet18
+        from handlers import cam_model
 
-        cam_dir = Path(cam_dir)
-        self.config = json.loads((cam_dir / "cam_config.json").read_text())
-        self.model = resnet18(num_classes=digits.NUM_CLASSES)
-        self.model.load_state_dict(load_file(str(cam_dir / "model.safetensors")))
-        self.model.eval()
-        c = self.config
-        self.transform = transforms.Compose([
-            transforms.Resize(c["resize"]),
-            transforms.CenterCrop(c["input_size"]),
-            transforms.ToTensor(),
-            transforms.Normalize(c["mean"], c["std"]),
-        ])
+        config = cam_model.read_config(cam_dir)
+        self.model = cam_model.load_model(cam_dir, config)
+        self.transform = cam_model.preprocess(config)
 
     def probabilities(self, images: torch.Tensor, batch_size: int = 50) -> torch.Tensor:
         """(N, 1, H, W) white-on-black images in [0, 1] -> (N, 10) softmax probabilities."""
         from PIL import Image
 
-        pils = [Image.fromarray((img[0].numpy() * 255).round().astype(np.uint8), mode="L").convert("RGB")
-                for img in images]
+        pils = [Image.fromarray((img[0].numpy() * 255).round().astype(np.uint8), mode="L") for img in images]
         probs = []
         with torch.inference_mode():
             for start in range(0, len(pils), batch_size):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 import zipfile
@@ -26,13 +25,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from safetensors.torch import load as load_safetensors
 from torch.utils.data import DataLoader, Subset
-from torchvision.datasets import ImageFolder
 from tqdm import tqdm
 
-from weights.build_cam_demo import CONFIG_NAME, WEIGHTS_NAME, build_preprocess, set_determinism, write_cam_dir
+from handlers import cam_model
+from handlers.cam_model import CONFIG_NAME, WEIGHTS_NAME
+from weights.build_cam_demo import set_determinism, write_cam_dir
+from weights.image_folder import ImageFolderError, read_image_folder
 
 DEFAULT_BASE = "weights/demo/cam"
 DEFAULT_OUT = "weights/finetuned/cam"
@@ -57,32 +57,11 @@ def read_base(base: Path) -> tuple[dict, dict[str, torch.Tensor]]:
             raise FinetuneError(f"base {base} is neither a cam weights directory nor a .mar archive")
     except (OSError, KeyError) as exc:
         raise FinetuneError(f"base {base} has no cam weights ({CONFIG_NAME} + {WEIGHTS_NAME}): {exc}") from None
-    return json.loads(cfg), load_safetensors(weights)
-
-
-def load_folder(root: Path, transform) -> ImageFolder:
-    """The ImageFolder of `root` (or root/train), checked: >= 2 classes, every image decodable."""
-    root = root / "train" if (root / "train").is_dir() else root
-    if not root.is_dir():
-        raise FinetuneError(f"{root} is not a directory")
     try:
-        data = ImageFolder(str(root), transform=transform)
-    except FileNotFoundError as exc:  # ImageFolder's words for "no class folders" / "a class without images"
-        raise FinetuneError(f"{root}: {exc}") from None
-    if len(data.classes) < 2:
-        raise FinetuneError(f"{root} has {len(data.classes)} class folder ({data.classes[0]}); "
-                            "fine-tuning a classifier needs >= 2 (one subfolder per class)")
-    for path, _ in data.samples:  # fail before training, naming the file
-        try:
-            data.loader(path)
-        except Exception as exc:  # noqa: BLE001 - any undecodable file is reported the same way
-            raise FinetuneError(f"{path} is not a readable image ({type(exc).__name__}: {exc})") from None
-    used = {Path(p) for p, _ in data.samples}
-    skipped = [p for c in data.classes for p in sorted((root / c).rglob("*")) if p.is_file() and p not in used]
-    if skipped:
-        print(f"note: ignored {len(skipped)} file(s) without an image extension, e.g. {skipped[0]}",
-              file=sys.stderr)
-    return data
+        config = cam_model.parse_config(cfg, f"{CONFIG_NAME} of {base}")
+    except ValueError as exc:
+        raise FinetuneError(str(exc)) from None
+    return config, load_safetensors(weights)
 
 
 def stratified_split(targets: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -156,10 +135,10 @@ def finetune(data_dir: Path, base: Path, out: Path, epochs: int = 3, val_fractio
     try:
         set_determinism(seed, threads)
         cfg, state = read_base(Path(base))
-        data = load_folder(Path(data_dir), build_preprocess(cfg))
-        model = torchvision.models.get_model(cfg["arch"], num_classes=int(cfg["num_classes"]))
+        data = read_image_folder(Path(data_dir), "train", cam_model.preprocess(cfg), min_classes=2)
+        model = cam_model.build_model(cfg)
         model.load_state_dict(state)
-        kept = adapt_head(model, cfg.get("classifier_layer", "fc"), list(cfg["labels"]), data.classes)
+        kept = adapt_head(model, cfg["classifier_layer"], list(cfg["labels"]), data.classes)
         model = model.to(memory_format=torch.channels_last)
         train_idx, val_idx = stratified_split(data.targets, val_fraction, seed)
         train = DataLoader(Subset(data, train_idx), batch_size=batch_size, shuffle=True,
@@ -235,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         metrics = finetune(args.data_dir, args.base, args.out, args.epochs, args.val_fraction, args.lr,
                            args.batch_size, args.seed, args.threads, args.max_steps)
-    except FinetuneError as exc:
+    except (FinetuneError, ImageFolderError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"held-out accuracy {metrics['heldout_accuracy']:.4f} ({metrics['heldout_count']} images), "

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from tqdm import tqdm
 
-from weights.build_sd15_demo import _replace_dir, build
+from weights.atomic import atomic_dir
+from weights.build_sd15_demo import build
 
 CHUNK = 16 * 1024 * 1024
 PADDING_NAME = "padding.bin"
@@ -46,18 +45,12 @@ def write_padding(path: Path, nbytes: int) -> None:
 def make(out: Path, size_gb: float, seed: int = 0) -> int:
     """Build the demo pipeline at `out` and pad it to `size_gb` (10**9 bytes). Returns total bytes."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Staged next to `out` and renamed at the end: an interrupted run leaves no half-padded dir.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        stage = tmp / out.name
+    # Padded in a staging dir that replaces `out` at the end: an interrupted run leaves no half-padded dir.
+    with atomic_dir(out) as stage:
         build(stage, seed=seed, check=False)
         missing = int(size_gb * 1e9) - dir_bytes(stage)
         if missing > 0:
             write_padding(stage / "unet" / PADDING_NAME, missing)
-        _replace_dir(stage, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dir_bytes(out)
 
 

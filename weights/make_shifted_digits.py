@@ -13,10 +13,7 @@ the digits as the demo model was trained on them (the original domain, to measur
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -26,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from weights import digits
+from weights.atomic import atomic_dir
 
 DEFAULT_OUT = "data/shifted-digits"
 DEFAULT_SIZE = 64
@@ -61,22 +59,12 @@ def write_split(folder: Path, indices: np.ndarray, images: np.ndarray, labels: n
 def build(out: Path, size: int = DEFAULT_SIZE, seed: int = 0, shifted: bool = True) -> dict[str, int]:
     """Writes <out>/train and <out>/test atomically; returns the image count per split."""
     images, labels = digits.load_arrays()
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     counts = {}
-    try:
+    with atomic_dir(out) as tmp:
         # Different seeds per split: the test images do not share noise / angles with train ones.
         for k, (split, idx) in enumerate(zip(("train", "test"), digits.split_indices())):
             write_split(tmp / split, idx, images, labels, size, seed * 2 + k, shifted)
             counts[split] = len(idx)
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return counts
 
 

@@ -104,6 +104,7 @@ def build_config(path: Path, digest: str) -> dict:
         "mean": list(transforms.mean),
         "std": list(transforms.std),
         "grayscale": False,
+        "background": [255, 255, 255],  # transparency is flattened onto white, as usual for ImageNet
         "target_layer": "layer4",
         "profile": "pretrained",
         "source": (

@@ -13,9 +13,7 @@ import json
 import math
 import os
 import platform
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from weights import digits
+from weights.atomic import atomic_dir
 
 BETA_SCHEDULES = ("linear", "squaredcos_cap_v2")
 
@@ -102,22 +101,6 @@ def lr_lambda(warmup: int, total: int):
     return f
 
 
-def atomic_replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished `tmp` into place at `out`, replacing any previous result."""
-    # mkdtemp (and the safetensors writer) create owner-only modes; give the result normal ones
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [tmp, *tmp.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-    os.rename(tmp, out)
-    if old is not None:
-        shutil.rmtree(old)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from diffusers import DDPMPipeline, DDPMScheduler
@@ -184,9 +167,7 @@ def main(argv=None) -> dict:
     unet.eval()
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
         settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
                     if k not in ("out", "no_progress")}
@@ -211,10 +192,6 @@ def main(argv=None) -> dict:
             "versions": {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__},
         }
         (tmp / "training.json").write_text(json.dumps(info, indent=2) + "\n")
-        atomic_replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"saved {out} ({num_params / 1e6:.2f}M params, {total_steps} steps, "
           f"{wall:.0f}s, final loss {info['final_loss']})")
     return info

@@ -14,10 +14,10 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import png_bytes
-from tests.support.bad_inputs import b64, cam_cases
-from tests.support.torchserve import TorchServeInstance
-from tests.support.traffic import assert_bad_input_refused
+from harness.bad_inputs import b64, cam_cases
+from harness.inprocess import png_bytes
+from harness.torchserve import TorchServeInstance
+from harness.traffic import assert_bad_input_refused
 from weights import digits
 
 BATCH = 8

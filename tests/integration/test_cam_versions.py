@@ -10,9 +10,10 @@ import pytest
 
 from clients import compare
 from clients.api import ServerError
-from tests.conftest import demo_weights
+from harness import REPO
+from harness.inprocess import demo_weights
+from harness.torchserve import TorchServeInstance
 from tests.support.shifted import tiny_folder
-from tests.support.torchserve import REPO, TorchServeInstance
 from weights import finetune_cam
 
 

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from clients import sample
-from tests.support.bad_inputs import ddpm_cases
-from tests.support.torchserve import TorchServeInstance
-from tests.support.traffic import assert_bad_input_refused
+from harness.bad_inputs import ddpm_cases
+from harness.torchserve import TorchServeInstance
+from harness.traffic import assert_bad_input_refused
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.support.torchserve import REPO, TorchServeInstance
-from tests.support.traffic import kill_worker_under_load, valid_payloads, worker_pids
+from harness import REPO
+from harness.torchserve import TorchServeInstance
+from harness.traffic import kill_worker_under_load, valid_payloads, worker_pids
 
 
 def test_killed_worker_is_replaced_and_no_request_hangs():

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.support.bad_inputs import sd15_cases
-from tests.support.torchserve import TorchServeInstance
-from tests.support.traffic import assert_bad_input_refused
+from harness.bad_inputs import sd15_cases
+from harness.torchserve import TorchServeInstance
+from harness.traffic import assert_bad_input_refused
 
 BASE = {"prompt": "a lighthouse at dusk", "steps": 3, "width": 64, "height": 64}
 

@@ -17,7 +17,8 @@ import requests
 from PIL import Image
 
 from clients.api import TorchServeClient
-from tests.support.torchserve import REPO, TorchServeInstance
+from harness import REPO
+from harness.torchserve import TorchServeInstance
 
 LIMIT = 1024 * 1024
 
@@ -29,7 +30,7 @@ def server():
 
 
 def small_png() -> bytes:
-    from tests.support.bad_inputs import good_png
+    from harness.bad_inputs import good_png
 
     return good_png()
 

@@ -13,9 +13,9 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from handlers.cam import CamHandler, normalise_maps, upsample_maps
-from tests.conftest import demo_weights, load_handler, png_bytes, unpack
-from tests.support.bad_inputs import b64, cam_cases
-from tests.support.context import run_batch
+from harness.bad_inputs import b64, cam_cases
+from harness.context import run_batch
+from harness.inprocess import demo_weights, load_handler, png_bytes, unpack
 from weights import digits, prepare_cam_pretrained
 
 

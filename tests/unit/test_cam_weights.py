@@ -16,6 +16,7 @@ import torch
 import torchvision
 from safetensors.torch import load_file
 
+from handlers import cam_model
 from weights import build_cam_demo, digits, prepare_cam_pretrained
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,10 +58,9 @@ def test_demo_build_produces_loadable_dir(tmp_path):
 
     # The handler's PIL preprocessing on a digit gives the tensor the model was trained on.
     images, _ = digits.load_arrays()
-    pre = build_cam_demo.build_preprocess(config)
+    pre = cam_model.preprocess(config)
     x_pil = torch.stack([pre(digits.to_pil(im, 32)) for im in images[:8]])
-    x_train = build_cam_demo.to_model_input(digits.upscale(images[:8], 32),
-                                            config["mean"][0], config["std"][0])
+    x_train = build_cam_demo.to_model_input(digits.upscale(images[:8], 32), config)
     torch.testing.assert_close(x_pil, x_train, atol=1e-5, rtol=0)
     with torch.inference_mode():
         assert model(x_pil).shape == (8, 10)

@@ -13,9 +13,9 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
 
 from handlers.ddpm import DdpmHandler
-from tests.conftest import demo_weights, load_handler, unpack
-from tests.support.bad_inputs import ddpm_cases
-from tests.support.context import run_batch
+from harness.bad_inputs import ddpm_cases
+from harness.context import run_batch
+from harness.inprocess import demo_weights, load_handler, unpack
 
 
 def tiny_pipeline(path, channels=1, size=16, schedule="linear"):

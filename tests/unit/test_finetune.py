@@ -14,11 +14,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from clients import compare
+from handlers import cam_model
 from handlers.cam import CamHandler
-from tests.conftest import demo_weights, load_handler, png_bytes, unpack
-from tests.support.context import run_batch
+from harness.context import run_batch
+from harness.inprocess import demo_weights, load_handler, png_bytes, unpack
 from tests.support.shifted import tiny_folder
 from weights import digits, finetune_cam, make_shifted_digits
+from weights.image_folder import ImageFolderError
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -55,7 +57,7 @@ def test_base_can_be_an_archive(tmp_path):
         for name in ("cam_config.json", "model.safetensors"):
             z.write(demo_weights("cam") / name, f"weights/{name}")
     cfg, state = finetune_cam.read_base(mar)
-    assert cfg == json.loads((demo_weights("cam") / "cam_config.json").read_text())
+    assert cfg == cam_model.read_config(demo_weights("cam"))
     assert torch.equal(state["fc.weight"], load_file(str(demo_weights("cam") / "model.safetensors"))["fc.weight"])
     with pytest.raises(finetune_cam.FinetuneError, match="no cam weights"):
         finetune_cam.read_base(tmp_path)
@@ -135,8 +137,8 @@ def test_shifted_digits_fool_the_original_model(tmp_path):
 
 
 @pytest.mark.parametrize("problem, message", [
-    ("empty", "no class folders in"),
-    ("no-images", "no images in the class folders"),
+    ("empty", "Couldn't find any class folder"),
+    ("no-images", "Found no valid file for the classes 3"),
     ("not-an-image", "bad.png is not a readable image"),
 ])
 def test_compare_refuses_bad_folders_before_any_request(tmp_path, problem, message):
@@ -148,7 +150,7 @@ def test_compare_refuses_bad_folders_before_any_request(tmp_path, problem, messa
     if problem == "not-an-image":
         tiny_folder(data, per_class=1, classes=(1, 2))
         (data / "1" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    with pytest.raises(compare.CompareError, match=message):
+    with pytest.raises(ImageFolderError, match=message):
         compare.labelled_images(data)
     code = compare.main([str(data), "--inference-url", "http://127.0.0.1:9", "--management-url", "http://127.0.0.1:9"])
     assert code == 1

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from handlers.common import RequestError
-from tests.conftest import png_bytes
-from tests.support.bad_inputs import b64, sd15_cases
-from tests.support.context import run_batch
+from harness.bad_inputs import b64, sd15_cases
+from harness.context import run_batch
+from harness.inprocess import png_bytes
 
 BASE = {"prompt": "a lighthouse at dusk", "steps": 3, "width": 64, "height": 64}
 
@@ -85,7 +85,7 @@ def test_mixed_batch_runs_in_groups_each_like_a_single_call(sd15_handler, monkey
             {**inpaint, "seed": 10, "num_images": 2}, {**BASE, "seed": 5, "scheduler": "dpm++"}]
     sizes = []
     run_group = handler.run_group
-    monkeypatch.setattr(handler, "run_group", lambda group: sizes.append(len(group)) or run_group(group))
+    monkeypatch.setattr(handler, "run_group", lambda group: sizes.append(len(group.requests)) or run_group(group))
     batched = run_batch(handler, ctx, [{"body": r} for r in reqs])
     assert [ctx.status(i) for i in range(len(reqs))] == [200] * len(reqs)
     assert sizes == [1, 2, 2, 1, 1]
@@ -161,17 +161,17 @@ def test_cpu_budget_is_what_the_config_says(sd15_handler, n, steps, size, fits):
     (attention is quadratic), not 4, and every image adds a VAE decode."""
     handler, ctx = sd15_handler
     body = {"prompt": "x", "steps": steps, "width": size, "height": size, "num_images": n}
-    if fits:
-        assert handler.cost(handler.parse({"body": body}, 0)) <= handler.budget
-    else:
+    req = handler.parse({"body": body})
+    assert (req.cost() <= handler.budget) == fits
+    if not fits:
         with pytest.raises(RequestError, match="response timeout"):
-            handler.parse({"body": body}, 0)
+            handler.check_cost(req)
 
 
 def test_img2img_cost_counts_only_the_steps_it_runs(sd15_handler):
     handler, _ = sd15_handler
     src = b64(gradient_png(64))
-    cost = {s: handler.cost(handler.parse({"body": {"prompt": "x", "steps": 10, "image": src, "strength": s}}, 0))
+    cost = {s: handler.parse({"body": {"prompt": "x", "steps": 10, "image": src, "strength": s}}).cost()
             for s in (0.3, 0.35, 1.0)}
     assert cost[0.3] == cost[0.35] < cost[1.0]  # int(10 x 0.35) = 3 steps, like diffusers
 

@@ -1,30 +1,30 @@
 """Per target, request limits and responseTimeout agree: no request the handler accepts can run
-past TorchServe's responseTimeout (which would kill the worker)."""
-from __future__ import annotations
+past TorchServe's responseTimeout (which would kill the worker).
 
-import json
-import time
+Checked from the configs and the cost model only: nothing here measures a speed, so the suite
+passes on a slower or busier machine. Whether a config's speed figure is conservative on this
+machine is a measurement: `make bench` reports it (benchmarks/bench_limits.py).
+"""
+from __future__ import annotations
 
 import pytest
 import yaml
 
-from handlers.cam import CamHandler
 from handlers.ddpm import DdpmHandler
+from handlers.errors import RequestError
 from handlers.sd15 import Sd15Handler
-from tests.conftest import REPO, demo_weights, load_handler, png_bytes, unpack
-from tests.support.context import run_batch
-from weights import digits
+from harness.context import run_batch
+from harness.inprocess import demo_weights, load_handler, unpack
+from harness.targets import config_path, targets
 
-TARGETS = ("cpu", "gpu", "arm64")
 DIFFUSION = {"ddpm": (DdpmHandler, "image_steps_per_second"), "sd15": (Sd15Handler, "steps_per_second_512")}
 
 
 def config(model: str, target: str) -> dict:
-    return yaml.safe_load((REPO / "model_configs" / model / f"{target}.yaml").read_text())
+    return yaml.safe_load(config_path(model, target).read_text())
 
 
-@pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("model", sorted(DIFFUSION))
+@pytest.mark.parametrize(("model", "target"), [(m, t) for m in sorted(DIFFUSION) for t in targets(m)])
 def test_budget_follows_the_timeout(tmp_path, model, target):
     cls, rate_key = DIFFUSION[model]
     cfg = config(model, target)
@@ -33,49 +33,27 @@ def test_budget_follows_the_timeout(tmp_path, model, target):
     expected = cfg["handler"][rate_key] * cfg["responseTimeout"] * cfg["handler"]["timeout_margin"]
     assert handler.budget == pytest.approx(expected)
     # The most expensive request the per-field limits allow is refused when over budget.
+    limits = handler.request.limits
     if model == "ddpm":
-        worst = {"steps": handler.max_steps, "num_images": handler.max_images, "seed": 0}
-        cost = handler.max_steps * handler.max_images
+        worst = {"steps": limits["max_steps"], "num_images": limits["max_num_images"], "seed": 0}
     else:
-        size = handler.spec["width"].maximum
-        worst = {"prompt": "x", "steps": handler.spec["steps"].maximum, "width": size, "height": size,
-                 "num_images": handler.spec["num_images"].maximum}
-        cost = worst["steps"] * worst["num_images"] * size * size / 512**2
-    if cost > handler.budget:
+        worst = {"prompt": "x", "steps": limits["max_steps"], "width": limits["max_size"],
+                 "height": limits["max_size"], "num_images": limits["max_num_images"]}
+    worst_req = handler.parse({"body": worst})
+    if worst_req.cost() > handler.budget:
+        with pytest.raises(RequestError, match="response timeout"):
+            handler.check_cost(worst_req)
         run_batch(handler, ctx, [{"body": worst}])
         assert ctx.status(0) == 400
-    # Something useful always fits: one default request.
-    default = {"steps": 50, "seed": 0} if model == "ddpm" else {"prompt": "x", "steps": 25}
-    assert handler.cost(handler.parse({"body": default}, 0)) <= handler.budget
+    # Something useful always fits: one request at every default.
+    default = {} if model == "ddpm" else {"prompt": "x"}
+    assert handler.parse({"body": default}).cost() <= handler.budget
 
 
-@pytest.mark.parametrize("model", sorted(DIFFUSION))
-def test_cpu_rate_is_conservative_here(tmp_path, model):
-    """The cpu config's speed figure is at most what this CPU really does with the demo model,
-    so accepted work (cost <= budget) ends within responseTimeout x margin."""
-    cls, rate_key = DIFFUSION[model]
-    handler, ctx = load_handler(cls, model, unpack(tmp_path, model, demo_weights(model)))
-    if model == "ddpm":
-        req, units = {"steps": 20, "seed": 0}, 20
-    else:
-        req, units = {"prompt": "x", "steps": 4, "width": 256, "height": 256, "seed": 0}, 4 * 256 * 256 / 512**2
-    run_batch(handler, ctx, [{"body": req}])  # warm-up
-    start = time.perf_counter()
-    run_batch(handler, ctx, [{"body": req}])
-    measured = units / (time.perf_counter() - start)
-    assert ctx.status(0) == 200
-    assert measured >= config(model, "cpu")["handler"][rate_key], measured
-
-
-def test_cam_full_batch_fits_the_timeout(tmp_path):
-    cfg = config("cam", "cpu")
-    handler, ctx = load_handler(CamHandler, "cam", unpack(tmp_path, "cam", demo_weights("cam")))
-    images, _ = digits.load_arrays()
-    big = png_bytes(digits.to_pil(images[0], 1000))  # a large upload: decoding is part of the cost
-    rows = [{"body": big}] * cfg["batchSize"]
-    run_batch(handler, ctx, rows)
-    start = time.perf_counter()
-    outs = run_batch(handler, ctx, rows)
-    elapsed = time.perf_counter() - start
-    assert all(json.loads(o)["predictions"] for o in outs)
-    assert elapsed * 10 < cfg["responseTimeout"], elapsed
+@pytest.mark.parametrize("target", targets("cam"))
+def test_cam_full_batch_fits_the_timeout(target):
+    """cam states a worst-case speed (images at its pixel limit per second): a full batch of
+    them, decoded and classified, fits responseTimeout x margin."""
+    cfg = config("cam", target)
+    rate = cfg["handler"]["max_size_images_per_second"]
+    assert cfg["batchSize"] / rate <= cfg["responseTimeout"] * cfg["handler"]["timeout_margin"]

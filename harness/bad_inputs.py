@@ -1,33 +1,29 @@
-"""Bad requests for the cam model, shared by the in-process and the real-server tests.
+"""Bad requests for every model, shared by the in-process and the real-server tests and replayed by
+the reliability benchmark.
 
 Each case: (id, payload as bytes or a JSON-able dict, the field the 400 must name).
 """
 from __future__ import annotations
 
 import base64
-import io
 
 from PIL import Image
 
-
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+from harness.inprocess import png_bytes
 
 
 def good_png() -> bytes:
-    return _png(Image.new("L", (32, 32), 0))
+    return png_bytes(Image.new("L", (32, 32), 0))
 
 
 def noisy_png() -> bytes:
     """A 64x64 noise PNG: big enough that cutting it in half keeps the header intact."""
-    return _png(Image.frombytes("L", (64, 64), bytes((i * 7919) % 251 for i in range(64 * 64))))
+    return png_bytes(Image.frombytes("L", (64, 64), bytes((i * 7919) % 251 for i in range(64 * 64))))
 
 
 def bomb_png() -> bytes:
     """A ~30 kB PNG that decodes to 20000 x 20000 = 400 M pixels."""
-    return _png(Image.new("1", (20000, 20000), 0))
+    return png_bytes(Image.new("1", (20000, 20000), 0))
 
 
 def b64(data: bytes) -> str:
@@ -77,7 +73,7 @@ def ddpm_cases() -> list[tuple[str, bytes | dict, str]]:
 
 def sd15_cases() -> list[tuple[str, bytes | dict, str]]:
     png = b64(noisy_png())  # 64x64
-    small_mask = b64(_png(Image.new("L", (32, 32), 255)))
+    small_mask = b64(png_bytes(Image.new("L", (32, 32), 255)))
     base = {"prompt": "a lighthouse at dusk", "steps": 2, "width": 64, "height": 64}
     return [
         ("prompt-missing", {"steps": 2}, "prompt"),

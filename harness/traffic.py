@@ -11,7 +11,7 @@ from collections import Counter
 import psutil
 import requests
 
-from tests.conftest import png_bytes
+from harness.inprocess import png_bytes
 from weights import digits
 
 

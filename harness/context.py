@@ -26,6 +26,7 @@ class ServingMockContext(MockContext):
     def __init__(self, model_dir: str | Path, model_name: str, yaml_file: str | None = None):
         super().__init__(model_pt_file=None, model_dir=str(model_dir), model_file=None,
                          model_name=model_name, model_yaml_config_file=yaml_file)
+        self.model_name = model_name  # the real Context has it; MockContext does not
         self.new_batch([{}])
 
     def new_batch(self, headers: list[dict]) -> None:

@@ -1,4 +1,4 @@
-"""Starts and stops a private TorchServe for tests and benchmarks.
+"""Starts and stops a private TorchServe for tests, benchmarks and the fine-tuning lab.
 
 Each instance gets free loopback ports (REST, gRPC, worker sockets), its own working directory
 (key_file.json, logs), its own TMPDIR/TEMP (so instances don't share the pid file or unpacked
@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from clients.api import TorchServeClient
+from harness import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
 
 
