@@ -4,13 +4,18 @@ TARGET ?= cpu
 PY := .venv/bin/python
 export HF_HUB_OFFLINE ?= 1
 export PYTHONPATH := $(CURDIR)
+# Targets are discovered: every model_configs/<model>/<target>.yaml (archive.sh checks TARGET).
+TARGETS := $(sort $(basename $(notdir $(wildcard model_configs/*/*.yaml))))
+# The venv's activate exports TS_CONFIG_FILE (see setup); TorchServe lets it override
+# --ts-config, so recipes (tests, benchmarks: private servers with their own config) never see it.
+unexport TS_CONFIG_FILE
 
 .PHONY: help setup weights archive start stop demo test test-unit test-integration bench reliability compare clean
 
 help:
 	@echo "make setup                    create .venv with the pinned requirements (checks Java 17)"
 	@echo "make weights  [PROFILE=demo|pretrained]   build/prepare the weights directories"
-	@echo "make archive  [PROFILE=..] [TARGET=cpu|gpu|arm64]   build .mar archives into model_store/"
+	@echo "make archive  [PROFILE=..] [TARGET=$(subst $(eval) ,|,$(TARGETS))]   build .mar archives into model_store/"
 	@echo "make start / make stop        run TorchServe with config.properties (waits until READY)"
 	@echo "make demo                     everything on a fresh machine; outputs in outputs/"
 	@echo "make test                     unit + integration tests (offline, starts its own TorchServe)"
@@ -26,7 +31,14 @@ help:
 	.venv/bin/pip install --disable-pip-version-check -q -r requirements.txt
 	@touch $@
 
+# `source .venv/bin/activate && torchserve --start` then uses config.properties (TorchServe reads
+# it only from --ts-config or TS_CONFIG_FILE); idempotent, rewritten if the repo moved.
 setup: .venv/.installed
+	@grep -qxF 'export TS_CONFIG_FILE="$(CURDIR)/config.properties"  # added by make setup' .venv/bin/activate || { \
+	  sed -i '/# added by make setup$$/d' .venv/bin/activate && \
+	  sed -i 's/^deactivate () {$$/&\n    unset TS_CONFIG_FILE  # added by make setup/' .venv/bin/activate && \
+	  echo 'export TS_CONFIG_FILE="$(CURDIR)/config.properties"  # added by make setup' >> .venv/bin/activate && \
+	  echo "make setup: .venv/bin/activate now exports TS_CONFIG_FILE=$(CURDIR)/config.properties"; }
 
 weights: setup
 	$(PY) -m weights.build_all --profile $(PROFILE)
@@ -34,9 +46,10 @@ weights: setup
 archive: weights
 	./archive.sh --profile $(PROFILE) --target $(TARGET)
 
+# Workers import the handlers from the archives, not from this tree (no PYTHONPATH).
 start: setup
 	@mkdir -p logs
-	.venv/bin/torchserve --start --ncs --ts-config config.properties > logs/torchserve.out 2>&1
+	env -u PYTHONPATH .venv/bin/torchserve --start --ncs --ts-config config.properties > logs/torchserve.out 2>&1
 	$(PY) -m clients.manage wait --timeout 600
 
 stop:

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Builds TorchServe archives (.mar) of the project's models into model_store/.
 #
-#   ./archive.sh [--profile demo|pretrained] [--target cpu|gpu|arm64] [--version V]
+#   ./archive.sh [--profile demo|pretrained] [--target T] [--version V]
 #                [--name NAME] [--weights DIR] [--store DIR] [--force] [MODEL...]
 #
 # MODEL is one of the handlers in handlers/ (cam, ddpm, sd15); none named = every model that
-# has weights for the profile. --version other than 1.0 writes <name>-<version>.mar. Weights come from weights/<profile>/<model>/ unless --weights
-# (one model only) or <MODEL>_WEIGHTS (e.g. SD15_WEIGHTS=/data/sd15) points elsewhere.
+# has weights for the profile. T (default cpu): any name with model_configs/<model>/T.yaml for
+# every model built (MODEL_CONFIGS=DIR reads the configs from DIR instead).
+# --version other than 1.0 writes <name>-<version>.mar. Weights come from
+# weights/<profile>/<model>/ unless --weights (one model only) or <MODEL>_WEIGHTS
+# (e.g. SD15_WEIGHTS=/data/sd15) points elsewhere.
 # The archive is built in a temp dir and moved into place, so a failed run never leaves a
 # half-written archive; an unchanged input set is detected by a fingerprint and skipped.
 set -euo pipefail
@@ -16,6 +19,7 @@ profile="${PROFILE:-demo}"
 target="${TARGET:-cpu}"
 version="${VERSION:-1.0}"
 store="${MODEL_STORE:-$here/model_store}"
+configs="${MODEL_CONFIGS:-$here/model_configs}"
 name=""
 weights_override=""
 force=0
@@ -32,14 +36,16 @@ while [ $# -gt 0 ]; do
     --weights) weights_override="${2:?--weights needs a value}"; shift 2 ;;
     --store) store="${2:?--store needs a value}"; shift 2 ;;
     --force) force=1; shift ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
     -*) die "unknown option $1 (see --help)" ;;
     *) models+=("$1"); shift ;;
   esac
 done
 
 case "$profile" in demo|pretrained) ;; *) die "unknown profile '$profile' (demo or pretrained)" ;; esac
-case "$target" in cpu|gpu|arm64) ;; *) die "unknown target '$target' (cpu, gpu or arm64)" ;; esac
+[[ "$target" =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]] || die "invalid target name '$target'"
+[ -d "$configs" ] || die "model configs directory not found: $configs"
+configs="$(cd "$configs" && pwd)"
 
 archiver="$here/.venv/bin/torch-model-archiver"
 [ -x "$archiver" ] || archiver="$(command -v torch-model-archiver || true)"
@@ -48,7 +54,7 @@ archiver="$here/.venv/bin/torch-model-archiver"
 known=()
 for f in "$here"/handlers/*.py; do
   m="$(basename "$f" .py)"
-  [ -d "$here/model_configs/$m" ] && known+=("$m")
+  [ -d "$configs/$m" ] && known+=("$m")
 done
 
 weights_for() {  # model -> weights directory
@@ -69,13 +75,23 @@ for m in "${models[@]}"; do
   [[ " ${known[*]} " == *" $m "* ]] || die "unknown model '$m' (known: ${known[*]})"
 done
 
+# A target is a name with a model config for every model being built (nothing lists them).
+targets_of() { local f; for f in "$configs/$1"/*.yaml; do [ ! -f "$f" ] || basename "$f" .yaml; done | LC_ALL=C sort; }
+available="$(targets_of "${models[0]}")"
+for m in "${models[@]}"; do
+  available="$(comm -12 <(echo "$available") <(targets_of "$m"))"
+done
+available="$(echo "$available" | tr '\n' ' ' | sed 's/ *$//')"
+[[ " $available " == *" $target "* ]] || die "unknown target '$target' for ${models[*]} (available: ${available:-none}; a target is model_configs/<model>/<target>.yaml)"
+
 mkdir -p "$store"
 
 fingerprint() {  # every input that changes the archive: handler code, config, weights, options
   local m="$1" wdir="$2"
   {
     echo "$profile $target $version $3 $4"
-    (cd "$here" && sha256sum handlers/*.py "model_configs/$m/$target.yaml")
+    (cd "$here" && sha256sum handlers/*.py)
+    (cd "$configs" && sha256sum "$m/$target.yaml")
     # Size + mtime of each weights file: cheap for multi-GB weights, still catches rebuilds.
     (cd "$wdir" && find -L . -type f -printf '%p %s %T@\n' | LC_ALL=C sort)
   } | sha256sum | cut -d' ' -f1
@@ -84,7 +100,7 @@ fingerprint() {  # every input that changes the archive: handler code, config, w
 for m in "${models[@]}"; do
   wdir="$(weights_for "$m")"
   [ -d "$wdir" ] || die "weights directory for '$m' not found: $wdir (build it with 'make weights PROFILE=$profile' or set $(echo "$m" | tr '[:lower:]' '[:upper:]')_WEIGHTS)"
-  config="$here/model_configs/$m/$target.yaml"
+  config="$configs/$m/$target.yaml"
   [ -f "$config" ] || die "no model config for '$m' on target '$target': $config"
   mname="${name:-$m}"
   # Diffusion pipelines are GBs in the pretrained profile: store them unpacked (no-archive),
@@ -105,6 +121,8 @@ for m in "${models[@]}"; do
   trap 'rm -rf "$work"' EXIT
   mkdir -p "$work/extra/handlers" "$work/out" "$work/tmp"
   cp "$here"/handlers/*.py "$work/extra/handlers/"
+  # What the handler's describe reports (GET /models/<name>?customized=true).
+  printf '{"profile": "%s", "target": "%s", "version": "%s"}\n' "$profile" "$target" "$version" > "$work/extra/archive.json"
   # The archiver copies its inputs twice for no-archive (to a temp dir, then to the output):
   # for GBs of weights, give it only the code and copy the weights into its output once.
   [ "$format" = "no-archive" ] || ln -s "$(cd "$wdir" && pwd)" "$work/extra/weights"

@@ -4,6 +4,7 @@ scripts, write the results under outputs/, print where they are, and stop the se
 from __future__ import annotations
 
 import importlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,8 +48,10 @@ def run_clients(models: list[str]) -> list[str]:
 def main() -> int:
     (REPO / "logs").mkdir(exist_ok=True)
     with open(REPO / "logs" / "torchserve.out", "wb") as log:
+        # Workers import the handlers from the archives (no PYTHONPATH into this tree).
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TS_CONFIG_FILE")}
         subprocess.run([TORCHSERVE, "--start", "--ncs", "--ts-config", "config.properties"],
-                       cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT)
+                       cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         client = TorchServeClient(key_file=REPO / "key_file.json")
         described = client.wait_ready(timeout=600)

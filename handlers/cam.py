@@ -9,72 +9,22 @@ computed from the same forward pass that classifies. Other methods use the `grad
 from __future__ import annotations
 
 import logging
-from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pydantic import Field, PrivateAttr, ValidationInfo, model_validator
-from pytorch_grad_cam import (
-    EigenCAM,
-    GradCAM,
-    GradCAMPlusPlus,
-    HiResCAM,
-    LayerCAM,
-    ScoreCAM,
-    XGradCAM,
-)
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from handlers import cam_model
+from handlers.cam_request import FAST_METHOD, GRAD_CAM_METHODS, METHODS, CamRequest
 from handlers.common import PNG_TYPE, BatchedHandler, Group, Outcome, Pending, request_body
-from handlers.images import b64_png, decode_image, encode_png
-from handlers.request import BATCHED, Base64Image, ConfigMax, RequestModel
+from handlers.images import b64_png, encode_png
 
 logger = logging.getLogger(__name__)
 
-FAST_METHOD = "gradcam"
-GRAD_CAM_METHODS = {
-    "gradcam++": GradCAMPlusPlus,
-    "xgradcam": XGradCAM,
-    "layercam": LayerCAM,
-    "hirescam": HiResCAM,
-    "eigencam": EigenCAM,
-    "scorecam": ScoreCAM,
-    # The exact pytorch-grad-cam GradCAM, for comparison with the fast path.
-    "gradcam-backprop": GradCAM,
-}
-METHODS = (FAST_METHOD, *GRAD_CAM_METHODS)
-
-
-class CamRequest(RequestModel):
-    """`POST /predictions/cam` (JSON; the raw image as the body takes the defaults), also
-    `POST /explanations/cam`: top-k classes and the class activation map of one class."""
-
-    image: Base64Image
-    """The image to classify (required in JSON); transparent pixels become the background the model was trained on."""
-    topk: Annotated[int, Field(ge=1), ConfigMax("num_classes")] = 5
-    """How many classes to return, most probable first (at most the number of classes)."""
-    target: Annotated[int | None, Field(ge=0), ConfigMax("max_target")] = None
-    """Class index whose activation map to draw; null = the predicted class."""
-    method: Annotated[Literal[METHODS], BATCHED] = FAST_METHOD
-    """CAM method: 'gradcam' from the classifying forward pass (no backward pass), the others from pytorch-grad-cam."""
-
-    _image: Image.Image | None = PrivateAttr(None)
-
-    @property
-    def decoded(self) -> Image.Image:
-        return self._image
-
-    @model_validator(mode="after")
-    def _decode(self, info: ValidationInfo):
-        ctx = info.context
-        self._image = decode_image(self.image, ctx["image_field"], ctx["max_pixels"], mode=ctx["mode"],
-                                   background=ctx["background"])
-        return self
 
 
 def normalise_maps(maps: torch.Tensor) -> torch.Tensor:

@@ -12,52 +12,18 @@ import base64
 import io
 import logging
 import time
-from typing import Annotated, Literal
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
-from pydantic import Field, model_validator
 
 from handlers.common import PNG_TYPE, BatchedHandler, Group, Outcome, Pending, timeout_budget
-from handlers.errors import RequestError
+from handlers.ddpm_request import SCHEDULERS, DdpmRequest
 from handlers.images import b64_png, encode_png, tensor_to_pil
-from handlers.request import BATCHED, ConfigMax, SeededImages
 
 logger = logging.getLogger(__name__)
 
-SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 TRAJECTORY_FRAMES = 10
-
-
-class DdpmRequest(SeededImages):
-    """`POST /predictions/ddpm`: unconditional samples of the archive's UNet."""
-
-    steps: Annotated[int, Field(ge=1), ConfigMax("max_steps"), BATCHED] = 50
-    """Denoising steps (at most the scheduler's training steps)."""
-    scheduler: Annotated[Literal[tuple(SCHEDULERS)], BATCHED] = "ddim"
-    """Sampler: deterministic DDIM (with eta) or the ancestral DDPM sampler."""
-    eta: Annotated[float | None, Field(ge=0.0, le=1.0), BATCHED] = None
-    """DDIM's noise weight (0 = deterministic); null = 0.0 for ddim. ddim only."""
-    trajectory: bool = False
-    """Adds `trajectory`: an animated GIF of the x0 estimates of the first image."""
-
-    @model_validator(mode="after")
-    def _resolve_eta(self):
-        if self.scheduler == "ddpm" and self.eta is not None:
-            raise RequestError("eta", "'eta' applies to the ddim scheduler only (ddpm always adds noise)")
-        if self.scheduler == "ddim" and self.eta is None:
-            self.eta = 0.0
-        return self
-
-    def cost(self) -> float:
-        return self.steps * self.num_images
-
-    def cost_field(self) -> str:
-        return "steps" if self.steps > self.num_images else "num_images"
-
-    def cost_summary(self) -> str:
-        return f"steps x num_images = {self.steps * self.num_images} image-steps"
 
 
 class DdpmHandler(BatchedHandler):

@@ -84,8 +84,11 @@ class TorchServeInstance:
         return self
 
     def _launch(self) -> None:
-        env = dict(os.environ, TMPDIR=str(self.tmp), TEMP=str(self.tmp), TMP=str(self.tmp),
-                   PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}", PYTHONPATH=str(REPO),
+        # Workers import the handlers from the archive, as in production: no PYTHONPATH into the
+        # working tree. TS_CONFIG_FILE (an activated venv exports it) would override --ts-config.
+        inherited = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TS_CONFIG_FILE")}
+        env = dict(inherited, TMPDIR=str(self.tmp), TEMP=str(self.tmp), TMP=str(self.tmp),
+                   PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}",
                    JAVA_TOOL_OPTIONS=f"-Djava.io.tmpdir={self.tmp}")
         self.log = open(self.dir / "stdout.log", "ab")
         self.proc = subprocess.Popen(

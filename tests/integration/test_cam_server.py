@@ -113,3 +113,16 @@ def test_tokens_are_required(server, digit_pngs):
     ok = requests.post(url, data=digit_pngs[0][0], timeout=30,
                        headers={"Authorization": f"Bearer {server.client.keys.inference}"})
     assert ok.status_code == 200 and json.loads(ok.text)["predictions"]
+
+
+def test_describe_returns_the_request_schema(server):
+    """`GET /models/cam?customized=true` reaches the handler's describe path (BaseHandler.handle),
+    not the inference path: the request schema with this archive's limits, methods, profile."""
+    (desc,) = server.client.describe("cam", customized=True)
+    meta = desc["customizedMetadata"]
+    meta = json.loads(meta) if isinstance(meta, str) else meta
+    assert "error" not in meta, meta
+    assert meta["model"] == "cam" and meta["version"] == "1.0" and meta["profile"] == "demo"
+    assert meta["request_schema"]["properties"]["topk"]["maximum"] == 10
+    assert "gradcam" in meta["methods"]
+

@@ -116,3 +116,14 @@ def test_a_batched_field_splits_the_group(ddpm_handler, monkeypatch):
                                     {"body": {"steps": 3, "seed": 5}}])
     assert [len(g.requests) for g in groups] == [2, 1]
     assert [json.loads(o)["steps"] for o in outs] == [3, 4, 3]
+
+
+@pytest.mark.parametrize("model", sorted(HANDLERS))
+def test_handler_module_has_the_one_class_torchserve_loads(model):
+    """TorchServe's model loader refuses a handler module that defines more than one class, so
+    the request types live in handlers/<model>_request.py."""
+    import importlib
+
+    from ts.utils.util import list_classes_from_module
+
+    assert list_classes_from_module(importlib.import_module(f"handlers.{model}")) == [HANDLERS[model]]

@@ -1,0 +1,90 @@
+"""Targets are discovered from model_configs/<model>/<target>.yaml; archive.sh lists none by hand."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from harness.targets import REPO, config_path, models, targets
+
+
+def archive(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k not in ("MODEL_CONFIGS", "TARGET")}
+    full_env.update(env or {})
+    return subprocess.run([str(REPO / "archive.sh"), *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def configs_with(tmp_path: Path, target: str, for_models: list[str]) -> Path:
+    """A copy of model_configs/ with `target` added (a copy of cpu.yaml) for `for_models`."""
+    configs = tmp_path / "model_configs"
+    shutil.copytree(REPO / "model_configs", configs)
+    for m in for_models:
+        text = (configs / m / "cpu.yaml").read_text()
+        (configs / m / f"{target}.yaml").write_text(f"# {target}: test target\n{text}")
+    return configs
+
+
+def test_discovered_from_model_configs():
+    assert models() == sorted(p.name for p in (REPO / "model_configs").iterdir()
+                              if p.is_dir() and (REPO / "handlers" / f"{p.name}.py").exists())
+    for m in models():
+        assert targets(m) == sorted(p.stem for p in (REPO / "model_configs" / m).glob("*.yaml"))
+        assert "cpu" in targets(m)  # archive.sh's default
+    assert set(targets()) == set.intersection(*(set(targets(m)) for m in models()))
+
+
+def test_targets_follow_the_config_files(tmp_path):
+    configs = configs_with(tmp_path, "jetson", ["ddpm"])
+    assert "jetson" in targets("ddpm", configs)
+    assert "jetson" not in targets(None, configs)  # not every model has it
+    assert config_path("ddpm", "jetson", configs).name == "jetson.yaml"
+    with pytest.raises(ValueError, match="available: .*cpu"):
+        config_path("cam", "jetson", configs)
+
+
+def test_unknown_target_one_line_naming_the_known_ones(tmp_path):
+    r = archive("--target", "nonexistent", "--store", str(tmp_path), *models())
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "unknown target 'nonexistent'" in lines[0]
+    assert f"(available: {' '.join(targets())};" in lines[0], lines[0]
+    assert not list(tmp_path.iterdir())
+
+
+def test_target_must_exist_for_every_model_built(tmp_path):
+    configs = configs_with(tmp_path, "jetson", ["ddpm"])
+    r = archive("--target", "jetson", "--store", str(tmp_path / "store"), "ddpm", "cam",
+                env={"MODEL_CONFIGS": str(configs)})
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"(available: {' '.join(targets())};" in r.stderr
+
+
+def test_new_target_needs_only_its_config_files(tmp_path):
+    """Adding model_configs/<model>/jetson.yaml is all `archive.sh --target jetson` needs."""
+    configs = configs_with(tmp_path, "jetson", models())
+    store = tmp_path / "store"
+    # ddpm: its demo weights are committed, so this runs on a fresh clone in a few seconds.
+    r = archive("--target", "jetson", "--store", str(store), "ddpm",
+                env={"MODEL_CONFIGS": str(configs)})
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "target jetson" in r.stdout
+    with zipfile.ZipFile(store / "ddpm.mar") as z:
+        manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
+        assert manifest["model"]["configFile"] == "jetson.yaml"
+        assert z.read("jetson.yaml").decode() == (configs / "ddpm" / "jetson.yaml").read_text()
+    # The repo's own model_configs/ has no such target: refused, naming the ones it has.
+    r = archive("--target", "jetson", "--store", str(tmp_path / "store2"), "ddpm")
+    assert r.returncode == 1 and "unknown target 'jetson'" in r.stderr
+
+
+def test_makefile_help_lists_the_discovered_targets():
+    out = subprocess.run(["make", "-s", "help"], cwd=REPO, capture_output=True, text=True,
+                         check=True).stdout
+    assert f"[TARGET={'|'.join(sorted(set().union(*(targets(m) for m in models()))))}]" in out
