@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from handlers.common import RequestError
+from handlers.errors import RequestError
 from harness.bad_inputs import b64, sd15_cases
 from harness.context import run_batch
 from harness.inprocess import png_bytes
@@ -220,3 +220,40 @@ def test_flagged_images_are_reported_not_blacked_out(sd15_handler):
     assert ctx.status(0) == 200
     assert body["nsfw"] == [True, True] and body["images"] == [None, None]
     assert any("flagged" in w for w in body["warnings"])
+
+
+def test_image_and_mask_as_people_send_them(sd15_handler):
+    """sd15's `image` and `mask` sent as an EXIF-rotated PNG, a 16-bit PNG and with transparency
+    give the same seeded inpainting as the plain 8-bit PNGs (transparent image pixels are white,
+    transparent mask pixels are 'keep')."""
+    from tests.unit.test_images import STORE, png16
+
+    handler, ctx = sd15_handler
+    rng = np.random.default_rng(0)
+    grey = (np.add.outer(np.arange(64), np.arange(64)) * 2).astype(np.uint8)
+    grey[:16, :16] = 255  # a white corner: where the RGBA variant is transparent
+    mask = np.zeros((64, 64), np.uint8)
+    mask[20:44, 20:44] = 255
+    plain_image, plain_mask = Image.fromarray(grey, "L").convert("RGB"), Image.fromarray(mask, "L")
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = io.BytesIO()
+    plain_image.transpose(STORE[6]).save(rotated, format="PNG", exif=exif)
+    sixteen = png16(grey.astype(np.uint16) * 257, color_type=0)
+    rgba = np.dstack([np.asarray(plain_image), np.full((64, 64), 255, np.uint8)])
+    rgba[:16, :16] = np.dstack([rng.integers(0, 255, (16, 16, 3)), np.zeros((16, 16))]).astype(np.uint8)
+    mask_rgba = np.zeros((64, 64, 4), np.uint8)
+    mask_rgba[..., :3] = rng.integers(0, 255, (64, 64, 3))  # any colour where transparent
+    mask_rgba[20:44, 20:44] = 255
+
+    def inpaint(image: bytes, mask_png: bytes) -> np.ndarray:
+        body = {"prompt": "x", "steps": 2, "seed": 3, "image": b64(image), "mask": b64(mask_png)}
+        (out,) = run_batch(handler, ctx, [{"body": body}])
+        assert ctx.status(0) == 200, out
+        return pixels(json.loads(out)["images"][0])
+
+    expected = inpaint(png_bytes(plain_image), png_bytes(plain_mask))
+    for image, mask_png in ((rotated.getvalue(), png_bytes(plain_mask)), (sixteen, png_bytes(plain_mask)),
+                            (png_bytes(Image.fromarray(rgba, "RGBA")), png_bytes(Image.fromarray(mask_rgba, "RGBA")))):
+        assert np.array_equal(inpaint(image, mask_png), expected)

@@ -1,0 +1,345 @@
+"""Train the `sd15` demo: a small Stable Diffusion 1.5 pipeline on captioned, coloured digits.
+
+Same component classes and directory layout as SD1.5 (StableDiffusionPipeline.save_pretrained):
+CLIPTokenizer with the real CLIP BPE vocabulary (weights/build_sd15_demo.py), a small CLIPTextModel,
+UNet2DConditionModel with cross-attention, AutoencoderKL with 4 latent channels and downscale 8,
+and SD1.5's PNDMScheduler configuration (scaled_linear betas 0.00085..0.012, 1000 steps), which
+the handler's DDIM / Euler / DPM++ schedulers are built from. Images are 64x64 RGB (8x8x4
+latents, so the UNet's sample_size is 8 and the handler's default size is 64).
+
+Three phases, each with a progress bar, all seeded:
+  1. the VAE alone (L1 + MSE reconstruction, a tiny KL weight), then frozen;
+  2. the latents of every training image in every colour, and SD's latent scaling factor
+     (1 / std of the latents, as SD1.5's 0.18215 was chosen);
+  3. the UNet and the text encoder jointly from scratch (epsilon prediction, DDPM noise), with
+     15 % empty captions for classifier-free guidance, EMA weights saved.
+
+    .venv/bin/python -m weights.train_sd15_demo [--out weights/demo/sd15-trained] [--seed 0]
+
+Data: weights/sd15_captions.py on the train part of weights.digits.split_indices(seed=0); the
+held-out digits are never seen.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from weights import digits, sd15_captions  # noqa: E402
+from weights.atomic import atomic_dir  # noqa: E402
+from weights.build_sd15_demo import CLIP_VOCAB_SIZE, MODEL_MAX_LENGTH, write_tokenizer_files  # noqa: E402
+
+DEFAULT_OUT = Path("weights/demo/sd15-trained")
+TRAINED_NOTE = "training.json"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (diffusers layout)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    # VAE
+    p.add_argument("--vae-steps", type=int, default=800)
+    p.add_argument("--vae-batch-size", type=int, default=16)
+    p.add_argument("--vae-lr", type=float, default=2e-3)
+    p.add_argument("--vae-channels", type=lambda s: tuple(int(v) for v in s.split(",")), default=(8, 16, 32, 32))
+    p.add_argument("--kl-weight", type=float, default=1e-6)
+    # text encoder + UNet
+    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup-steps", type=int, default=300)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--unet-channels", type=lambda s: tuple(int(v) for v in s.split(",")), default=(32, 64, 64))
+    p.add_argument("--layers-per-block", type=int, default=1)
+    p.add_argument("--text-hidden", type=int, default=32)
+    p.add_argument("--text-layers", type=int, default=2)
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+# components ------------------------------------------------------------------------------------
+def build_components(args, tok_dir: Path) -> dict:
+    """Untrained tokenizer, text encoder, UNet, VAE and SD1.5's scheduler (PNDM) for 64x64 images."""
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), model_max_length=MODEL_MAX_LENGTH)
+    torch.manual_seed(args.seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=CLIP_VOCAB_SIZE, hidden_size=args.text_hidden, intermediate_size=4 * args.text_hidden,
+        num_hidden_layers=args.text_layers, num_attention_heads=4, max_position_embeddings=MODEL_MAX_LENGTH,
+        projection_dim=args.text_hidden, hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    torch.manual_seed(args.seed + 1)
+    levels = len(args.unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=sd15_captions.IMAGE_SIZE // 8,  # latent size: the handler's default is 8 x 8 = 64 px
+        in_channels=4, out_channels=4,
+        layers_per_block=args.layers_per_block,
+        block_out_channels=args.unet_channels,
+        # as SD1.5: cross-attention in every level but the lowest
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        cross_attention_dim=args.text_hidden,
+        attention_head_dim=8,  # SD1.5's value (diffusers reads it as the number of heads)
+        norm_num_groups=16,
+    )
+    torch.manual_seed(args.seed + 2)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        block_out_channels=args.vae_channels,  # 4 blocks -> downscale 8 like SD1.5's VAE
+        down_block_types=("DownEncoderBlock2D",) * len(args.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(args.vae_channels),
+        layers_per_block=1, norm_num_groups=8, sample_size=sd15_captions.IMAGE_SIZE,
+        # no global attention in the VAE's middle block: each latent cell decodes from its
+        # neighbourhood only, so inpainting leaves pixels away from the mask as they were
+        mid_block_add_attention=False,
+    )
+    scheduler = PNDMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1,
+                              set_alpha_to_one=False)
+    scheduler.register_to_config(clip_sample=False)  # as SD1.5's scheduler_config.json
+    return dict(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet, vae=vae, scheduler=scheduler)
+
+
+def params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def training_images(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    images, labels = digits.load_arrays()
+    train, test = digits.split_indices(seed=0)
+    idx = train if split == "train" else test
+    return images[idx], labels[idx]
+
+
+def lr_lambda(warmup: int, total: int):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+# phase 1: VAE ---------------------------------------------------------------------------------
+def train_vae(vae, gray: np.ndarray, args, gen: torch.Generator) -> dict:
+    """Reconstruction of random (digit, colour) renders; returns the final losses."""
+    n, k = len(gray), len(sd15_captions.COLOUR_NAMES)
+    colours = torch.tensor([sd15_captions.COLOURS[c] for c in sd15_captions.COLOUR_NAMES])  # (K, 3)
+    ink = digits.upscale(gray, sd15_captions.IMAGE_SIZE)  # (N, 1, 64, 64)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(min(100, args.vae_steps), args.vae_steps))
+    vae.train()
+    recent_rec, recent_kl = [], []
+    bar = tqdm(range(args.vae_steps), desc="1/3 vae", unit="step", disable=args.no_progress,
+               dynamic_ncols=True, file=sys.stderr)
+    for step in bar:
+        idx = torch.randint(0, n, (args.vae_batch_size,), generator=gen)
+        col = torch.randint(0, k, (args.vae_batch_size,), generator=gen)
+        x = (ink[idx] * colours[col].view(-1, 3, 1, 1)) * 2 - 1
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        rec_loss = F.l1_loss(rec, x) + F.mse_loss(rec, x)
+        kl = post.kl().mean() / post.mean[0].numel()
+        loss = rec_loss + args.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        recent_rec.append(rec_loss.item())
+        recent_kl.append(kl.item())
+        del recent_rec[:-100], recent_kl[:-100]
+        if step % 20 == 0 or step == args.vae_steps - 1:
+            bar.set_postfix(rec=f"{np.mean(recent_rec):.4f}", kl=f"{np.mean(recent_kl):.1f}")
+    bar.close()
+    vae.eval().requires_grad_(False)
+    return {"vae_final_reconstruction_loss": round(float(np.mean(recent_rec)), 5),
+            "vae_final_kl_per_dim": round(float(np.mean(recent_kl)), 3)}
+
+
+# phase 2: latents -----------------------------------------------------------------------------
+def encode_dataset(vae, gray: np.ndarray, labels: np.ndarray, args) -> dict:
+    """Latent mean/std of every training digit in every colour, SD's scaling factor, and the
+    VAE's round-trip error on them (mean abs, in 0..255)."""
+    means, stds, digit_of, colour_of, errs = [], [], [], [], []
+    total = len(sd15_captions.COLOUR_NAMES)
+    with torch.inference_mode():
+        for ci, colour in enumerate(tqdm(sd15_captions.COLOUR_NAMES, desc="2/3 latents", unit="colour",
+                                         disable=args.no_progress, dynamic_ncols=True, file=sys.stderr,
+                                         total=total)):
+            x = sd15_captions.render(gray, colour) * 2 - 1
+            for start in range(0, len(x), 256):
+                post = vae.encode(x[start:start + 256]).latent_dist
+                means.append(post.mean)
+                stds.append(post.std)
+            # the round trip (decode is the costly half) on the first 64 images of each colour
+            rec = vae.decode(vae.encode(x[:64]).latent_dist.mean).sample.clamp(-1, 1)
+            errs.append(((rec - x[:64]).abs() * 127.5).mean(dim=(1, 2, 3)))
+            digit_of.append(torch.as_tensor(labels))
+            colour_of.append(torch.full((len(labels),), ci))
+    mean, std = torch.cat(means), torch.cat(stds)
+    scaling = 1.0 / mean.std().item()
+    return {"mean": mean, "std": std, "digit": torch.cat(digit_of), "colour": torch.cat(colour_of),
+            "scaling_factor": scaling, "roundtrip_mae_255": torch.cat(errs).mean().item()}
+
+
+# phase 3: text encoder + UNet -----------------------------------------------------------------
+def caption_sampler(tokenizer, gen: torch.Generator):
+    """(digit, colour) tensors -> (B, 77) token ids of one random caption each, per CAPTION_MIX."""
+    texts, table = sd15_captions.caption_table()
+    ids = torch.tensor(tokenizer(texts, padding="max_length", max_length=MODEL_MAX_LENGTH,
+                                 truncation=True).input_ids)
+    kinds = list(sd15_captions.CAPTION_MIX)
+    probs = torch.tensor([sd15_captions.CAPTION_MIX[k] for k in kinds])
+
+    def sample(digit: torch.Tensor, colour: torch.Tensor) -> torch.Tensor:
+        kind = torch.multinomial(probs, len(digit), replacement=True, generator=gen)
+        pick = torch.rand(len(digit), generator=gen)
+        rows = []
+        for d, c, k, r in zip(digit.tolist(), colour.tolist(), kind.tolist(), pick.tolist()):
+            options = table[(d, c)][kinds[k]]
+            rows.append(options[int(r * len(options))])
+        return ids[rows]
+
+    return sample, len(texts)
+
+
+def train_denoiser(text_encoder, unet, latents: dict, tokenizer, args, gen: torch.Generator) -> dict:
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel
+
+    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                beta_schedule="scaled_linear", clip_sample=False)
+    sample_captions, num_captions = caption_sampler(tokenizer, gen)
+    scale = latents["scaling_factor"]
+    n = len(latents["mean"])
+    trainable = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(min(args.warmup_steps, args.steps), args.steps))
+    ema = EMAModel(trainable, decay=args.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
+    unet.train()
+    text_encoder.train()
+    recent = []
+    bar = tqdm(range(args.steps), desc="3/3 unet+text", unit="step", disable=args.no_progress,
+               dynamic_ncols=True, file=sys.stderr)
+    for step in bar:
+        idx = torch.randint(0, n, (args.batch_size,), generator=gen)
+        z0 = (latents["mean"][idx] + latents["std"][idx] * torch.randn(latents["mean"][idx].shape, generator=gen)) * scale
+        ids = sample_captions(latents["digit"][idx], latents["colour"][idx])
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, 1000, (len(z0),), generator=gen)
+        noisy = noise_sched.add_noise(z0, noise, t)
+        cond = text_encoder(ids)[0]
+        loss = F.mse_loss(unet(noisy, t, encoder_hidden_states=cond).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        sched.step()
+        ema.step(trainable)
+        recent.append(loss.item())
+        del recent[:-200]
+        if step % 20 == 0 or step == args.steps - 1:
+            bar.set_postfix(loss=f"{np.mean(recent):.4f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+    bar.close()
+    ema.copy_to(trainable)
+    unet.eval()
+    text_encoder.eval()
+    return {"final_loss": round(float(np.mean(recent)), 5),
+            "final_loss_note": "mean epsilon-MSE over the last 200 steps (raw weights; EMA weights are saved)",
+            "distinct_captions": num_captions}
+
+
+# main -----------------------------------------------------------------------------------------
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from diffusers import StableDiffusionPipeline
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    gray, labels = training_images("train")
+    load_before = os.getloadavg()[0]
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    times = {}
+    with tempfile.TemporaryDirectory() as tok_tmp:
+        write_tokenizer_files(Path(tok_tmp))
+        comps = build_components(args, Path(tok_tmp))
+    counts = {name: params(comps[name]) for name in ("text_encoder", "unet", "vae")}
+    print("params: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in counts.items()), file=sys.stderr)
+
+    t0 = time.perf_counter()
+    info = train_vae(comps["vae"], gray, args, gen)
+    times["vae_s"] = round(time.perf_counter() - t0, 1)
+
+    t0 = time.perf_counter()
+    latents = encode_dataset(comps["vae"], gray, labels, args)
+    comps["vae"].register_to_config(scaling_factor=round(latents["scaling_factor"], 5))
+    times["latents_s"] = round(time.perf_counter() - t0, 1)
+
+    t0 = time.perf_counter()
+    info.update(train_denoiser(comps["text_encoder"], comps["unet"], latents, comps["tokenizer"], args, gen))
+    times["unet_text_s"] = round(time.perf_counter() - t0, 1)
+    wall, cpu = time.perf_counter() - t_start, time.process_time() - cpu_start
+
+    pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    out = Path(args.out)
+    with atomic_dir(out) as stage:
+        pipe.save_pretrained(str(stage), safe_serialization=True)
+        write_tokenizer_files(stage / "tokenizer")  # the CLIP files too, as SD1.5's tokenizer/ has them
+        settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+                    if k not in ("out", "no_progress")}
+        report = {
+            "model": "sd15 demo: a small Stable Diffusion 1.5 pipeline trained on captioned coloured digits",
+            "command": "python -m weights.train_sd15_demo",
+            "settings": settings,
+            "image_size": sd15_captions.IMAGE_SIZE,
+            "latent_shape": [4, sd15_captions.IMAGE_SIZE // 8, sd15_captions.IMAGE_SIZE // 8],
+            "colours": sd15_captions.COLOUR_NAMES,
+            "caption_mix": sd15_captions.CAPTION_MIX,
+            "train_images": int(len(gray)),
+            "split": "train part of weights.digits.split_indices(seed=0), every digit in every colour",
+            "params": counts,
+            "vae_scaling_factor": round(latents["scaling_factor"], 5),
+            "vae_roundtrip_mae_255": round(latents["roundtrip_mae_255"], 3),
+            **info,
+            "weights": "EMA (text encoder + UNet), VAE as trained",
+            "times_s": times,
+            "wall_time_s": round(wall, 1),
+            "cpu_time_s": round(cpu, 1),
+            "machine": {"cpu_count": os.cpu_count(), "threads": args.threads,
+                        "load_avg_1min_start_end": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+                        "platform": platform.platform()},
+            "versions": {"torch": torch.__version__, "diffusers": __import__("diffusers").__version__,
+                         "transformers": __import__("transformers").__version__},
+        }
+        (stage / TRAINED_NOTE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"saved {out} ({size / 1e6:.1f} MB) in {wall:.0f} s: vae rec {info['vae_final_reconstruction_loss']}, "
+          f"round trip {latents['roundtrip_mae_255']:.2f}/255, scaling {latents['scaling_factor']:.4f}, "
+          f"denoiser loss {info['final_loss']}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
