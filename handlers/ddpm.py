@@ -9,12 +9,13 @@ request gives the same image alone or inside a batch.
 from __future__ import annotations
 
 import base64
+import inspect
 import io
 import logging
 import time
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, EulerDiscreteScheduler, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from handlers.common import PNG_TYPE, BatchedHandler, Group, Outcome, Pending, timeout_budget
@@ -62,7 +63,12 @@ class DdpmHandler(BatchedHandler):
         generators = group.generators()
         x = randn_tensor((len(generators), *self.shape), generator=generators, device=self.device, dtype=self.dtype)
         x = x * scheduler.init_noise_sigma
-        step_kwargs = {"eta": shared["eta"]} if shared["scheduler"] == "ddim" else {}
+        # As diffusers' pipelines do: pass a step() only the arguments it takes (UniPC takes no
+        # generator, only DDIM an eta).
+        accepted = inspect.signature(scheduler.step).parameters
+        step_kwargs = {"generator": generators} if "generator" in accepted else {}
+        if shared["eta"] is not None:
+            step_kwargs["eta"] = shared["eta"]
         wanted = group.per_image("trajectory")
         watch = [i for i in group.first_images() if wanted[i]]
         keep = set(torch.linspace(0, len(scheduler.timesteps) - 1, TRAJECTORY_FRAMES).round().int().tolist())
@@ -70,12 +76,12 @@ class DdpmHandler(BatchedHandler):
         tick = time.monotonic()
         for k, t in enumerate(scheduler.timesteps):
             with torch.inference_mode():
-                eps = self.unet(x, t).sample
-            out = scheduler.step(eps, t, x, generator=generators, **step_kwargs)
-            x = out.prev_sample
+                eps = self.unet(scheduler.scale_model_input(x, t), t).sample
             if watch and k in keep:
+                x0 = predicted_x0(scheduler, x, eps, t)
                 for i in watch:
-                    frames[i].append(out.pred_original_sample[i : i + 1].float())
+                    frames[i].append(x0[i : i + 1].float())
+            x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
             if time.monotonic() - tick > 10:
                 logger.info("ddpm: step %d/%d for %d images", k + 1, len(scheduler.timesteps), len(generators))
                 tick = time.monotonic()
@@ -105,3 +111,12 @@ class DdpmHandler(BatchedHandler):
         buf = io.BytesIO()
         pils[0].save(buf, format="GIF", save_all=True, append_images=pils[1:], duration=250, loop=0)
         return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def predicted_x0(scheduler, x: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
+    """The clean image the model predicts at timestep t (for the trajectory): from the sample in
+    the scheduler's own space (sigma space for Euler, VP space for the others) and the noise."""
+    if isinstance(scheduler, EulerDiscreteScheduler):  # x = x0 + sigma * eps
+        return x - scheduler.sigmas[scheduler.index_for_timestep(t)] * eps
+    alpha_bar = scheduler.alphas_cumprod[int(t)]
+    return (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()

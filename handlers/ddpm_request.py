@@ -4,13 +4,28 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
 from pydantic import Field, model_validator
 
 from handlers.errors import RequestError
 from handlers.request import BATCHED, ConfigMax, SeededImages
 
-SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+# Each is built from the weights' own scheduler config (its beta schedule, e.g. the demo's cosine).
+# dpm++ is DPM-Solver++ (2M) and unipc UniPC (bh2): few-step multistep solvers; euler is Euler's
+# method in sigma space. Quality per scheduler and steps: benchmarks/results/ddpm-steps.md.
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
+    "dpm++": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+}
 
 
 class DdpmRequest(SeededImages):
@@ -19,7 +34,7 @@ class DdpmRequest(SeededImages):
     steps: Annotated[int, Field(ge=1), ConfigMax("max_steps"), BATCHED] = 50
     """Denoising steps (at most the scheduler's training steps)."""
     scheduler: Annotated[Literal[tuple(SCHEDULERS)], BATCHED] = "ddim"
-    """Sampler: deterministic DDIM (with eta) or the ancestral DDPM sampler."""
+    """Sampler: DDIM (with eta), the ancestral DDPM sampler, or the few-step solvers DPM-Solver++ (2M), UniPC, Euler."""
     eta: Annotated[float | None, Field(ge=0.0, le=1.0), BATCHED] = None
     """DDIM's noise weight (0 = deterministic); null = 0.0 for ddim. ddim only."""
     trajectory: bool = False
@@ -27,8 +42,8 @@ class DdpmRequest(SeededImages):
 
     @model_validator(mode="after")
     def _resolve_eta(self):
-        if self.scheduler == "ddpm" and self.eta is not None:
-            raise RequestError("eta", "'eta' applies to the ddim scheduler only (ddpm always adds noise)")
+        if self.scheduler != "ddim" and self.eta is not None:
+            raise RequestError("eta", f"'eta' applies to the ddim scheduler only, not {self.scheduler}")
         if self.scheduler == "ddim" and self.eta is None:
             self.eta = 0.0
         return self

@@ -60,7 +60,7 @@ def ddpm_cases() -> list[tuple[str, bytes | dict, str]]:
         ("eta-negative", {"eta": -0.1}, "eta"),
         ("eta-too-big", {"eta": 1.5}, "eta"),
         ("eta-with-ddpm", {"scheduler": "ddpm", "eta": 0.5, "steps": 5}, "eta"),
-        ("unknown-scheduler", {"scheduler": "euler"}, "scheduler"),
+        ("unknown-scheduler", {"scheduler": "lms"}, "scheduler"),
         ("seed-float", {"seed": 1.5}, "seed"),
         ("seed-string", {"seed": "42"}, "seed"),
         ("seed-negative", {"seed": -1}, "seed"),

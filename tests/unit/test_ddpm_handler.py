@@ -13,6 +13,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
 
 from handlers.ddpm import DdpmHandler
+from handlers.ddpm_request import SCHEDULERS
 from harness.bad_inputs import ddpm_cases
 from harness.context import run_batch
 from harness.inprocess import demo_weights, load_handler, unpack
@@ -71,11 +72,13 @@ def test_one_ddpm_step_matches_ho_et_al_eq_11(t, variance_type):
     assert torch.allclose(got, mean + sigma2.sqrt() * z, atol=1e-4)
 
 
-def test_seeded_request_same_alone_and_in_batch(tiny):
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_seeded_request_same_alone_and_in_batch(tiny, scheduler):
     handler, ctx = tiny
-    req = {"body": {"steps": 6, "seed": 123, "num_images": 2}}
+    req = {"body": {"steps": 6, "seed": 123, "num_images": 2, "scheduler": scheduler}}
     (alone,) = run_batch(handler, ctx, [req])
-    batch = run_batch(handler, ctx, [{"body": {"steps": 6, "seed": 5}}, req, {"body": {"steps": 6, "seed": 9}}])
+    batch = run_batch(handler, ctx, [{"body": {"steps": 6, "seed": 5, "scheduler": scheduler}}, req,
+                                     {"body": {"steps": 6, "seed": 9, "scheduler": scheduler}}])
     assert all(ctx.status(i) == 200 for i in range(3))
     assert ctx.get_response_headers(1)["X-Batch-Size"] == "3"
     for a, b in zip(images_of(alone), images_of(batch[1])):

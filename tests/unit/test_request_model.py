@@ -47,7 +47,7 @@ def test_describe_reports_schema_limits_and_capabilities(handlers, model):
         assert desc["schedulers"] == ["pndm", "ddim", "euler", "dpm++"]
     elif model == "ddpm":
         assert schema["properties"]["num_images"]["maximum"] == cfg["max_num_images"]
-        assert desc["schedulers"] == ["ddim", "ddpm"]
+        assert desc["schedulers"] == ["ddim", "ddpm", "dpm++", "unipc", "euler"]
     else:
         assert schema["properties"]["topk"]["maximum"] == len(desc["labels"]) == 10
         assert "gradcam" in desc["methods"] and "scorecam" in desc["methods"]
