@@ -43,7 +43,7 @@ def raw_worker(threads: int, batch: int, barrier, rates) -> None:
     torch.set_num_threads(threads)
     handler, ctx = load_handler(DdpmHandler, "ddpm", unpack(Path(tempfile.mkdtemp()) / "ddpm", "ddpm",
                                                             REPO / "weights/demo/ddpm"))
-    rows = [{"body": {"steps": STEPS, "seed": i}} for i in range(batch)]
+    rows = [{"body": {"steps": STEPS, "scheduler": "ddim", "seed": i}} for i in range(batch)]
     run_batch(handler, ctx, rows)  # warm-up
     while True:
         barrier.wait()
@@ -107,7 +107,7 @@ def run() -> dict:
 
             def caller(model: str):
                 def call(i: int):
-                    resp = client.predict_raw(model, {"steps": STEPS, "seed": i})
+                    resp = client.predict_raw(model, {"steps": STEPS, "scheduler": "ddim", "seed": i})
                     assert resp.status_code == 200, resp.text
                     if model == "ddpm":
                         batch_sizes[int(resp.headers["X-Batch-Size"])] += 1

@@ -1,7 +1,7 @@
 """Draw samples from the `ddpm` model: saves each PNG, a grid, and with --trajectory the GIF of
 the denoised estimates along the reverse process.
 
-    python -m clients.sample -n 16 --steps 50 --scheduler ddim --seed 0 --out outputs/ddpm [--trajectory]
+    python -m clients.sample -n 16 [--steps 10 --scheduler ddpm] --seed 0 --out outputs/ddpm [--trajectory]
 """
 from __future__ import annotations
 
@@ -52,13 +52,14 @@ def grid(images: list[Image.Image], scale: int = 4) -> Image.Image:
     return img.resize((img.width * scale, img.height * scale), resample=Image.NEAREST)
 
 
-def sample(client: TorchServeClient, out: Path, num_images: int, steps: int, scheduler: str,
-           seed: int | None, eta: float | None = None, trajectory: bool = False, version: str | None = None) -> dict:
-    payload = {"num_images": num_images, "steps": steps, "scheduler": scheduler, "seed": seed,
-               "trajectory": trajectory}
-    if eta is not None:
-        payload["eta"] = eta
-    result = with_progress(f"sampling {num_images} x {steps} steps ({scheduler})",
+def sample(client: TorchServeClient, out: Path, num_images: int, steps: int | None = None,
+           scheduler: str | None = None, seed: int | None = None, eta: float | None = None,
+           trajectory: bool = False, version: str | None = None) -> dict:
+    """steps / scheduler / eta None: the server's defaults (GET /models/ddpm?customized=true)."""
+    payload = {"num_images": num_images, "seed": seed, "trajectory": trajectory}
+    payload.update({k: v for k, v in (("steps", steps), ("scheduler", scheduler), ("eta", eta)) if v is not None})
+    label = f"{steps} steps ({scheduler})" if steps and scheduler else "the server's default steps"
+    result = with_progress(f"sampling {num_images} x {label}",
                            lambda: client.predict("ddpm", payload, version=version))
     out.mkdir(parents=True, exist_ok=True)
     paths = [save_b64_png(b, out / f"sample-{result['seed']}-{i}.png") for i, b in enumerate(result["images"])]
@@ -70,18 +71,18 @@ def sample(client: TorchServeClient, out: Path, num_images: int, steps: int, sch
 
 
 def demo(out: Path) -> str:
-    """What `make demo` runs: 16 DDIM-50 samples + a grid, and one trajectory GIF."""
+    """What `make demo` runs: 16 samples at the server's default scheduler + a grid, and one trajectory GIF."""
     client = TorchServeClient(key_file=Path(__file__).resolve().parents[1] / "key_file.json")
-    got = sample(client, out, num_images=16, steps=50, scheduler="ddim", seed=0)
-    sample(client, out, num_images=1, steps=50, scheduler="ddim", seed=1, trajectory=True)
+    got = sample(client, out, num_images=16, seed=0)
+    sample(client, out, num_images=1, seed=1, trajectory=True)
     return f"ddpm: 16 samples and {got['grid']}, trajectory GIF {out / 'trajectory-1.gif'}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clients.sample", description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", "--num-images", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--scheduler", default="ddim", choices=("ddim", "ddpm"))
+    parser.add_argument("--steps", type=int, help="default: the server's (see docs/api/ddpm.schema.json)")
+    parser.add_argument("--scheduler", help="ddim, ddpm, dpm++, unipc, euler; default: the server's")
     parser.add_argument("--eta", type=float, help="DDIM only: 0 = deterministic, 1 = DDPM-like noise")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--trajectory", action="store_true", help="also save the x0 trajectory GIF")

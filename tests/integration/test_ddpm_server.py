@@ -47,7 +47,7 @@ def test_seeded_request_same_alone_and_batched(server):
 
 def test_mixed_parameters_in_one_batch(server):
     payloads = [{"steps": 4, "seed": 1}, {"steps": 6, "scheduler": "ddpm", "seed": 2},
-                {"steps": 5, "eta": 0.5, "seed": 3}, {"steps": 4, "seed": 4, "num_images": 3},
+                {"steps": 5, "scheduler": "ddim", "eta": 0.5, "seed": 3}, {"steps": 4, "seed": 4, "num_images": 3},
                 {"steps": 1001}]
     with ThreadPoolExecutor(len(payloads)) as pool:
         responses = list(pool.map(lambda p: server.client.predict_raw("ddpm", p), payloads))

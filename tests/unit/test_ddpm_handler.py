@@ -98,7 +98,7 @@ def test_ddpm_scheduler_with_noise_is_reproducible(tiny):
 def test_mixed_parameter_batch(tiny):
     handler, ctx = tiny
     reqs = [{"body": {"steps": 3, "seed": 1}}, {"body": {"steps": 7, "seed": 2, "scheduler": "ddpm"}},
-            {"body": {"steps": 4, "seed": 3, "eta": 1.0, "num_images": 3}}, {"body": {"steps": 3, "seed": 4}}]
+            {"body": {"steps": 4, "seed": 3, "scheduler": "ddim", "eta": 1.0, "num_images": 3}}, {"body": {"steps": 3, "seed": 4}}]
     batch = run_batch(handler, ctx, reqs)
     assert [ctx.status(i) for i in range(len(reqs))] == [200] * len(reqs)
     for i, req in enumerate(reqs):
@@ -159,7 +159,7 @@ def test_demo_model_seed_holds_over_default_steps(ddpm_handler):
     """The real demo model over 50 steps with noise at every step (DDPM, DDIM eta=1): a seeded
     request is unchanged inside a batch, where small numeric differences would have compounded."""
     handler, ctx = ddpm_handler
-    for extra in ({"scheduler": "ddpm"}, {"eta": 1.0}):
+    for extra in ({"scheduler": "ddpm"}, {"scheduler": "ddim", "eta": 1.0}):
         req = {"body": {"steps": 50, "seed": 11, "num_images": 2, **extra}}
         (alone,) = run_batch(handler, ctx, [req])
         batch = run_batch(handler, ctx, [{"body": {"steps": 50, "seed": s, **extra}} for s in range(3)] + [req])
