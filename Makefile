@@ -10,12 +10,13 @@ TARGETS := $(sort $(basename $(notdir $(wildcard model_configs/*/*.yaml))))
 # --ts-config, so recipes (tests, benchmarks: private servers with their own config) never see it.
 unexport TS_CONFIG_FILE
 
-.PHONY: help setup weights archive start stop demo test test-unit test-integration bench reliability compare clean
+.PHONY: help setup weights archive kserve start stop demo test test-unit test-integration bench reliability compare clean
 
 help:
 	@echo "make setup                    create .venv with the pinned requirements (checks Java 17)"
 	@echo "make weights  [PROFILE=demo|pretrained]   build/prepare the weights directories"
 	@echo "make archive  [PROFILE=..] [TARGET=$(subst $(eval) ,|,$(TARGETS))]   build .mar archives into model_store/"
+	@echo "make kserve   [PROFILE=..] [TARGET=..]   KServe storage layout -> outputs/kserve/<target>/ (docs/SCALING.md)"
 	@echo "make start / make stop        run TorchServe with config.properties (waits until READY)"
 	@echo "make demo                     everything on a fresh machine; outputs in outputs/"
 	@echo "make test                     unit + integration tests (offline, starts its own TorchServe)"
@@ -45,6 +46,11 @@ weights: setup
 
 archive: weights
 	./archive.sh --profile $(PROFILE) --target $(TARGET)
+
+# KServe storage layout: config/config.properties (model_snapshot with the target's batch
+# settings) + model-store/ (hard links to the archives); upload it to the InferenceService's storageUri.
+kserve: archive
+	$(PY) -m harness.kserve --profile $(PROFILE) --target $(TARGET)
 
 # Workers import the handlers from the archives, not from this tree (no PYTHONPATH).
 start: setup

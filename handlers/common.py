@@ -20,6 +20,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handlers.errors import RequestError
 from handlers.request import RequestModel
+from handlers import kserve  # KServe v1/v2 bodies (TS_SERVICE_ENVELOPE); see that module
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +208,9 @@ class BatchedHandler(BaseHandler):
 
     request_type: type[RequestModel]
     budget: float = math.inf
+    # KServe (handlers/kserve.py): the envelopes hand this handler the whole batch and set the protocol.
+    kserve_native = True
+    kserve_protocol: str | None = None
 
     def prepare(self, context) -> str:
         """Keeps the context, reads the config's `handler:` section, picks device and dtype;
@@ -227,6 +231,8 @@ class BatchedHandler(BaseHandler):
 
     # preprocess ----------------------------------------------------------------------------
     def preprocess(self, data: list) -> list:
+        if self.kserve_protocol:  # KServe v1/v2 bodies (handlers/kserve.py)
+            return kserve.preprocess(self, data)
         parsed = []
         for idx, row in enumerate(data):
             try:
@@ -284,6 +290,8 @@ class BatchedHandler(BaseHandler):
 
     # postprocess ---------------------------------------------------------------------------
     def postprocess(self, outcomes: list[Outcome]) -> list:
+        if self.kserve_protocol:  # KServe v1/v2 responses (handlers/kserve.py)
+            return kserve.postprocess(self, outcomes)
         out = []
         for idx, oc in enumerate(outcomes):
             self.context.set_response_header(idx, "X-Batch-Size", str(len(outcomes)))

@@ -1,0 +1,183 @@
+"""deploy/ validated offline: Kubernetes objects against the Kubernetes 1.31 OpenAPI schemas
+(kubernetes-validate, strict: unknown fields fail), InferenceServices against KServe's
+v1beta1 CRD schema (deploy/schemas/), and the ports, paths, command line and environment in the
+manifests equal to those of the KServe-mode TorchServe the integration tests start
+(harness/kserve.py: its config.properties and command)."""
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+import re
+from urllib.parse import urlparse
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from harness import REPO
+from harness import kserve as ks
+from harness.targets import models, targets
+
+DEPLOY = REPO / "deploy"
+K8S_VERSION = "1.31.0"
+NOT_OBJECTS = {"prometheus-adapter-values.yaml"}  # Helm values
+
+
+def docs(path):
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def manifests():
+    files = sorted((DEPLOY / "kserve").glob("*.yaml")) + sorted(p for p in (DEPLOY / "k8s").glob("*.yaml")
+                                                                 if p.name not in NOT_OBJECTS)
+    return [(p, d) for p in files for d in docs(p)]
+
+
+def strict(schema):
+    """Unknown fields fail, as `kubectl apply --validate=strict` reports them (the CRD schema
+    itself leaves them to pruning)."""
+    if isinstance(schema, dict):
+        schema = {k: strict(v) for k, v in schema.items()}
+        if "properties" in schema and "additionalProperties" not in schema \
+                and not schema.get("x-kubernetes-preserve-unknown-fields"):
+            schema["additionalProperties"] = False
+    elif isinstance(schema, list):
+        schema = [strict(v) for v in schema]
+    return schema
+
+
+@pytest.fixture(scope="module")
+def isvc_schema():
+    with gzip.open(DEPLOY / "schemas" / "inferenceservice-v1beta1.schema.json.gz") as f:
+        return strict(json.load(f))
+
+
+def of_kind(kind):
+    return [(p, d) for p, d in manifests() if d["kind"] == kind]
+
+
+def config():
+    return ks.config_properties("cpu", models())
+
+
+def port(url):
+    return urlparse(url).port
+
+
+def test_every_manifest_is_found():
+    kinds = sorted({d["kind"] for _, d in manifests()})
+    assert kinds == ["Deployment", "HorizontalPodAutoscaler", "InferenceService", "NetworkPolicy", "Service"]
+    assert len(of_kind("InferenceService")) == 3
+
+
+@pytest.mark.parametrize("path,doc", [(p, d) for p, d in manifests() if d["kind"] != "InferenceService"],
+                         ids=lambda v: getattr(v, "name", None) or v.get("kind"))
+def test_kubernetes_objects_validate(path, doc):
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_hpa_uses_current_api():
+    (_, hpa), = of_kind("HorizontalPodAutoscaler")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+
+
+@pytest.mark.parametrize("path,doc", of_kind("InferenceService"), ids=lambda v: getattr(v, "name", None) or "isvc")
+def test_inference_services_validate(path, doc, isvc_schema):
+    assert doc["apiVersion"] == "serving.kserve.io/v1beta1"
+    jsonschema.validate(doc, isvc_schema)
+
+
+def test_strict_schema_catches_a_typo(isvc_schema):
+    (_, doc), *_ = of_kind("InferenceService")
+    bad = copy.deepcopy(doc)
+    bad["spec"]["predictor"]["model"]["storageUrl"] = bad["spec"]["predictor"]["model"].pop("storageUri")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, isvc_schema)
+    bad = copy.deepcopy(of_kind("Deployment")[0][1])
+    bad["spec"]["template"]["spec"]["containers"][0]["port"] = 1
+    with pytest.raises(Exception):
+        kubernetes_validate.validate(bad, K8S_VERSION, strict=True)
+
+
+def test_inference_services_match_the_kserve_layout_and_runtime():
+    seen = set()
+    for path, doc in of_kind("InferenceService"):
+        pred = doc["spec"]["predictor"]
+        model = pred["model"]
+        assert model["runtime"] == "kserve-torchserve" and model["modelFormat"]["name"] == "pytorch"
+        # protocolVersion -> the TS_SERVICE_ENVELOPE the local tests set (ENVELOPES)
+        assert model["protocolVersion"] in ks.ENVELOPES
+        target = model["storageUri"].rstrip("/").rsplit("/", 1)[1]
+        assert target in targets(), f"{path.name}: storageUri must end in a target, got {target}"
+        seen.add(target)
+        # KServe's runtime supplies the command line: the manifests must not override it
+        assert "args" not in model and "command" not in model
+        assert {e["name"] for e in model.get("env", [])}.isdisjoint({"TS_SERVICE_ENVELOPE", "TS_CONFIG_FILE"})
+        limits = model["resources"]["limits"]
+        if target == "gpu":
+            assert limits.get("nvidia.com/gpu") == "1"
+        if target == "arm64":
+            assert pred["nodeSelector"] == {"kubernetes.io/arch": "arm64"}
+        else:
+            assert "nodeSelector" not in pred
+    assert seen == {"cpu", "gpu", "arm64"}
+
+
+def test_layout_config_is_what_kserve_needs_and_keeps_management_in_the_pod():
+    cfg = config()
+    assert port(cfg["inference_address"]) == ks.INFERENCE_PORT == 8085
+    assert cfg["enable_envvars_config"] == "true" and "model_snapshot" in cfg
+    assert cfg["model_store"] == ks.STORE_PATH
+    assert ks.RUNTIME_ARGS == ["torchserve", "--start", f"--model-store={ks.STORE_PATH}", f"--ts-config={ks.CONFIG_PATH}"]
+    assert ks.KServeTorchServe.command(ks.STORE_PATH, ks.CONFIG_PATH) == ks.RUNTIME_ARGS
+    # auth decision: token off (KServe's wrapper cannot send it), so nothing but metrics leaves the pod
+    assert cfg["disable_token_authorization"] == "true"
+    for key in ("inference_address", "management_address"):
+        assert urlparse(cfg[key]).hostname == "127.0.0.1", key
+    assert cfg["grpc_inference_address"] == cfg["grpc_management_address"] == "127.0.0.1"
+    assert cfg["enable_model_api"] == "false"
+
+
+def test_deployment_runs_the_kserve_command_with_the_layout_ports():
+    cfg = config()
+    (_, dep), = of_kind("Deployment")
+    c, = dep["spec"]["template"]["spec"]["containers"]
+    assert c["args"] == ks.RUNTIME_ARGS[:2] + ["--foreground"] + ks.RUNTIME_ARGS[2:]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"inference": port(cfg["inference_address"]), "metrics": port(cfg["metrics_address"])}
+    env = {e["name"]: e["value"] for e in c["env"]}
+    # only the inference address moves off loopback; management is never exposed
+    assert env == {"TS_INFERENCE_ADDRESS": f"http://0.0.0.0:{ports['inference']}"}
+    assert c["readinessProbe"]["httpGet"] == {"path": "/ping", "port": ports["inference"]}
+    (_, svc), = of_kind("Service")
+    assert {p["port"] for p in svc["spec"]["ports"]} == set(ports.values())
+    assert svc["metadata"]["annotations"]["prometheus.io/port"] == str(ports["metrics"])
+    (_, pol), = of_kind("NetworkPolicy")
+    assert {p["port"] for rule in pol["spec"]["ingress"] for p in rule["ports"]} == set(ports.values())
+    assert ks.MANAGEMENT_PORT not in {p["port"] for rule in pol["spec"]["ingress"] for p in rule["ports"]}
+
+
+def test_hpa_metric_is_the_adapter_rule():
+    (_, hpa), = of_kind("HorizontalPodAutoscaler")
+    (_, dep), = of_kind("Deployment")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": dep["metadata"]["name"]}
+    values = yaml.safe_load((DEPLOY / "k8s" / "prometheus-adapter-values.yaml").read_text())
+    rule, = values["rules"]["external"]
+    metric = hpa["spec"]["metrics"][0]["external"]["metric"]
+    assert metric["name"] == rule["name"]["as"]
+    assert "ts_queue_latency_microseconds" in rule["metricsQuery"]
+
+
+def test_dockerfile_pins_python_and_runs_the_deployment_command():
+    text = (DEPLOY / "Dockerfile").read_text()
+    base = re.search(r"^FROM (\S+)", text, re.M).group(1)
+    assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", base), base
+    assert "pip install --no-cache-dir -r /tmp/requirements.txt" in text
+    assert re.search(r"^COPY .*outputs/kserve/\$\{TARGET\}/ /mnt/models/$", text, re.M)
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))
+    (_, dep), = of_kind("Deployment")
+    assert cmd == dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    kfs = (DEPLOY / "Dockerfile.kserve").read_text()
+    assert re.search(r"^ARG BASE_IMAGE=pytorch/torchserve-kfs:0\.12\.0$", kfs, re.M)  # = torchserve==0.12.0
