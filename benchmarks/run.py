@@ -1,6 +1,6 @@
 """`make bench`: runs each model's benchmark and writes benchmarks/results/latest.json + .md.
 
-    python -m benchmarks.run [cam ddpm sd15 limits]
+    python -m benchmarks.run [cam ddpm ddpm_workload sd15 limits]
 
 Results of models not run this time are kept from the previous latest.json. Each figure is a
 ratio or a latency measured within one run (this machine is noisy: compare ratios, not times).
@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODELS = ("cam", "ddpm", "sd15", "limits")  # benchmarks/bench_<name>.py; limits: cpu speed figures
+# benchmarks/bench_<name>.py; limits: cpu speed figures; ddpm_workload: static vs step-level batching
+MODELS = ("cam", "ddpm", "ddpm_workload", "sd15", "limits")
 
 
 def write_report(results: dict) -> Path:

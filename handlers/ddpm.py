@@ -5,21 +5,32 @@ channels come from the UNet config, the beta schedule from the scheduler config.
 TorchServe batch that share (scheduler, steps, eta) run as ONE batched denoising loop; every
 request has its own torch.Generator for its initial noise and the per-step noise, so a seeded
 request gives the same image alone or inside a batch.
+
+Step-level (continuous) batching, when the model config says `continuousBatching: true`: each
+handle() call is ONE denoising step of every request in flight, whatever its steps, scheduler and
+eta. Each request keeps its own sample, scheduler instance and generator in `self.flights` (keyed
+by TorchServe's request id: the worker sends unfinished requests back with an empty body, at
+other indexes); new requests join at the next step, finished ones are answered at once (see
+`step_batch`).
 """
 from __future__ import annotations
 
 import base64
 import inspect
 import io
+import json
 import logging
 import time
+from types import SimpleNamespace
 
 import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
-from handlers.common import PNG_TYPE, BatchedHandler, Group, Outcome, Pending, timeout_budget
+from handlers.common import (JSON_TYPE, PNG_TYPE, BatchedHandler, Group, Outcome, Pending, header,
+                             timeout_budget, wants_png)
 from handlers.ddpm_request import SCHEDULERS, DdpmRequest
+from handlers.errors import RequestError
 from handlers.images import b64_png, encode_png, tensor_to_pil
 
 logger = logging.getLogger(__name__)
@@ -28,7 +39,8 @@ TRAJECTORY_FRAMES = 10
 
 
 class DdpmHandler(BatchedHandler):
-    """Batched DDPM / DDIM sampling with per-request seeds and a time budget per batch."""
+    """Batched DDPM / DDIM sampling with per-request seeds and a time budget per batch; one
+    denoising step per call for every request in flight under `continuousBatching: true`."""
 
     request_type = DdpmRequest
 
@@ -45,12 +57,30 @@ class DdpmHandler(BatchedHandler):
         train_steps = int(self.scheduler_config["num_train_timesteps"])
         self.bind_request({"max_steps": min(int(self.config["max_steps"]), train_steps)})
         self.budget = timeout_budget(context, self.config, "image_steps_per_second")
+        # Step-level batching: TorchServe's continuous batching hands every unfinished request
+        # back at each call; state of the requests in flight, by request id.
+        self.step_level = bool(context.model_yaml_config.get("continuousBatching"))
+        self.flights: dict[str, SimpleNamespace] = {}
         self.initialized = True
         logger.info("ddpm: %s images, %s schedule, budget %.0f image-steps per batch on %s",
                     self.shape, self.scheduler_config.get("beta_schedule"), self.budget, self.device)
 
     def capabilities(self) -> dict:
-        return {"schedulers": list(SCHEDULERS), "image_shape": list(self.shape)}
+        return {"schedulers": list(SCHEDULERS), "image_shape": list(self.shape),
+                "step_level_batching": self.step_level}
+
+    def handle(self, data, context):
+        # ts sends a stream chunk when stopping_criteria is set: only step_batch sets it, per call.
+        context.stopping_criteria = None
+        continuous = self.step_level and getattr(context, "request_ids", None) is not None
+        if continuous and not getattr(self, "kserve_protocol", None):
+            self.context = context
+            if not self._is_describe():
+                return self.step_batch(data)
+        # Static batching: in-process callers without request ids (nothing would bring a request
+        # back) and KServe envelopes. Under continuousBatching too: every answer is then final
+        # (stopping_criteria None = an ordinary response).
+        return super().handle(data, context)
 
     # inference ----------------------------------------------------------------------------
     def run_group(self, group: Group) -> list[tuple]:
@@ -87,6 +117,117 @@ class DdpmHandler(BatchedHandler):
                 tick = time.monotonic()
         pils = tensor_to_pil((x.float() / 2 + 0.5).clamp(0, 1))
         return [(pil, frames.get(i)) for i, pil in enumerate(pils)]
+
+    # step-level batching ------------------------------------------------------------------
+    def step_batch(self, data: list) -> list:
+        """One call of TorchServe's continuous batching: admit the new requests, run ONE UNet
+        call over the images of every request in flight (each at its own timestep), step each
+        request's own scheduler, and return one message per request: b"" (the request stays,
+        `stopping_criteria` False) until its last step, then its full response body (True; None
+        when it ends in its first call, so TorchServe sends an ordinary response)."""
+        ctx = self.context
+        ids = [ctx.request_ids[i] for i in range(len(data))]
+        for gone in set(self.flights) - set(ids):  # the frontend dropped it (client closed)
+            del self.flights[gone]
+        outcomes: list[Outcome | None] = [None] * len(data)
+        new = set()
+        for idx, (rid, row) in enumerate(zip(ids, data)):
+            if rid in self.flights:
+                continue
+            new.add(idx)
+            try:
+                params = self.parse(row)
+                self.check_cost(params)
+                png = wants_png(ctx, idx) and params.images_requested == 1
+                pending = Pending(idx, params, png=png, explain=header(ctx, idx, "explain") == "True")
+                self.flights[rid] = self.take_off(pending)
+            except RequestError as err:
+                outcomes[idx] = Outcome(error=err)
+            except Exception as exc:  # noqa: BLE001 - one failing request must not fail the others
+                logger.exception("ddpm: admitting request %s failed", rid)
+                outcomes[idx] = Outcome(error=RequestError(None, f"internal error: {type(exc).__name__}: {exc}", 500))
+        active = [(idx, self.flights[rid]) for idx, rid in enumerate(ids) if rid in self.flights]
+        try:
+            self.step_flights([f for _, f in active])
+        except Exception as exc:  # noqa: BLE001 - reported to every request of this step
+            logger.exception("ddpm: step of %d requests failed", len(active))
+            err = RequestError(None, f"internal error: {type(exc).__name__}: {exc}", status=500)
+            for idx, f in active:
+                outcomes[idx] = Outcome(error=err)
+                f.done = True
+        out, stops = [], []
+        for idx, rid in enumerate(ids):
+            f = self.flights.get(rid)
+            if idx in new:  # status, content type and headers go out with a request's first message
+                ctx.set_response_header(idx, "X-Batch-Size", str(len(data)))
+                if outcomes[idx] is None and f is not None:
+                    ctx.set_response_content_type(idx, PNG_TYPE if f.png_response else JSON_TYPE)
+            if outcomes[idx] is None and f is not None and f.done:
+                results = [(pil, f.frames.get(i)) for i, pil in enumerate(self.finish(f))]
+                outcomes[idx] = self.respond(f.pending, results)
+            if f is not None and (f.done or outcomes[idx] is not None):
+                del self.flights[rid]
+            oc = outcomes[idx]
+            if oc is None:  # still denoising: an empty chunk writes nothing to the client
+                out.append(b"")
+                stops.append(False)
+                continue
+            if idx in new:
+                for key, value in oc.headers.items():
+                    ctx.set_response_header(idx, key, value)
+                if oc.error is not None:
+                    phrase = {400: "Bad Request", 503: "Service Unavailable"}.get(oc.error.status,
+                                                                                   "Internal Server Error")
+                    ctx.set_response_status(oc.error.status, phrase, idx)
+                ctx.set_response_content_type(idx, JSON_TYPE if oc.error is not None else oc.content_type)
+            # After its first message a request's status is fixed (200): a later error goes in-band.
+            body = oc.error.body() if oc.error is not None else oc.response
+            out.append(body if isinstance(body, (bytes, bytearray)) else json.dumps(body))
+            stops.append(None if idx in new else True)
+        ctx.stopping_criteria = [lambda _ret, stop=stop: stop for stop in stops]
+        return out
+
+    def take_off(self, pending: Pending) -> SimpleNamespace:
+        """A request's own sampling state, set up exactly as run_group sets up a group of one."""
+        req = pending.params
+        scheduler = SCHEDULERS[req.scheduler].from_config(self.scheduler_config)
+        scheduler.set_timesteps(req.steps)
+        group = Group(shared=req.shared(), requests=[pending])
+        generators = group.generators()
+        x = randn_tensor((len(generators), *self.shape), generator=generators, device=self.device, dtype=self.dtype)
+        x = x * scheduler.init_noise_sigma
+        accepted = inspect.signature(scheduler.step).parameters
+        step_kwargs = {"generator": generators} if "generator" in accepted else {}
+        if req.eta is not None:
+            step_kwargs["eta"] = req.eta
+        keep = set(torch.linspace(0, len(scheduler.timesteps) - 1, TRAJECTORY_FRAMES).round().int().tolist())
+        return SimpleNamespace(pending=pending, scheduler=scheduler, x=x, k=0, step_kwargs=step_kwargs,
+                               keep=keep if req.trajectory else set(), frames={0: []} if req.trajectory else {},
+                               png_response=pending.png and not req.trajectory, done=False)
+
+    def step_flights(self, flights: list[SimpleNamespace]) -> None:
+        """One denoising step of every flight: one UNet call with a (B,) timestep tensor."""
+        if not flights:
+            return
+        ts = [f.scheduler.timesteps[f.k] for f in flights]
+        # As run_group: scale_model_input and step outside inference mode, the UNet inside it.
+        inputs = torch.cat([f.scheduler.scale_model_input(f.x, t) for f, t in zip(flights, ts)])
+        tvec = torch.cat([t.reshape(1).expand(len(f.x)).float() for f, t in zip(flights, ts)]).to(self.device)
+        with torch.inference_mode():
+            eps_all = self.unet(inputs, tvec).sample
+        start = 0
+        for f, t in zip(flights, ts):
+            eps = eps_all[start : start + len(f.x)]
+            start += len(f.x)
+            if f.k in f.keep:
+                f.frames[0].append(predicted_x0(f.scheduler, f.x, eps, t)[0:1].float())
+            f.x = f.scheduler.step(eps, t, f.x, **f.step_kwargs).prev_sample
+            f.k += 1
+            f.done = f.k == len(f.scheduler.timesteps)
+
+    @staticmethod
+    def finish(f: SimpleNamespace) -> list:
+        return tensor_to_pil((f.x.float() / 2 + 0.5).clamp(0, 1))
 
     # postprocess --------------------------------------------------------------------------
     def respond(self, pending: Pending, results: list[tuple]) -> Outcome:

@@ -96,6 +96,12 @@ class Sd15Handler(BatchedHandler):
             kwargs.update(mask_image=group.per_image("mask_image"))
         with torch.inference_mode():
             pils = pipe(**kwargs).images
+        if shared["mode"] == "inpaint":
+            # Outside the mask the input's own pixels, as AUTOMATIC1111 returns them: diffusers keeps
+            # them only in latent space, and the VAE decode bleeds across the mask's edge (measured
+            # on the demo model: 10.1 mean abs difference outside the mask vs 2.6 for a VAE round trip).
+            pils = [pipe.image_processor.apply_overlay(mask, init, img) for mask, init, img
+                    in zip(group.per_image("mask_image"), group.per_image("init_image"), pils)]
         return list(zip(pils, self.check_safety(pils)))
 
     def check_safety(self, pils: list) -> list[bool | None]:

@@ -1,0 +1,106 @@
+"""Step-level batching of ddpm against a real TorchServe: the archive built by archive.sh with
+its `cpu-step` target (`continuousBatching: true`, `ddpm_step`) beside the same archive with the
+`cpu` target (static batching, `ddpm_static`), served by one private TorchServe. Requests join
+the loop while others run; every answer must equal the static server's (byte for byte alone,
+images within 1/255 in company).
+
+No describe (`GET /models/ddpm_step?customized=true`) here: TorchServe 0.12 re-queues a describe
+job of a continuous-batching model forever and the worker serves nothing else (README,
+"Step-level batching"); the handler's describe path is tested in-process."""
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from harness import REPO
+from harness.torchserve import TorchServeInstance
+
+VARIANTS = {"ddpm_static": "cpu", "ddpm_step": "cpu-step"}  # model name: target
+
+
+def build_archive(store, name: str, target: str) -> None:
+    """archive.sh --target T under model name `name` into `store` (the shipped model configs)."""
+    subprocess.run([str(REPO / "archive.sh"), "--target", target, "--store", str(store), "--name", name, "ddpm"],
+                   check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    store = tmp_path_factory.mktemp("ddpm-step-store")
+    for name, target in VARIANTS.items():
+        build_archive(store, name, target)
+    with TorchServeInstance(archives=[f"{n}.mar" for n in VARIANTS], source_store=store, load_at_start=False) as ts:
+        for name in VARIANTS:  # the same batch size for both; workers and threads from each config
+            ts.client.register(f"{name}.mar", batch_size=8, max_batch_delay=100)
+        ts.client.wait_ready(list(VARIANTS), timeout=180)
+        yield ts
+
+
+def decode(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))), dtype=int)
+
+
+def assert_same(step: dict, static: dict) -> None:
+    assert list(step) == list(static)
+    assert {k: v for k, v in step.items() if k != "images"} == {k: v for k, v in static.items() if k != "images"}
+    assert len(step["images"]) == len(static["images"])
+    for a, b in zip(step["images"], static["images"]):
+        assert np.abs(decode(a) - decode(b)).max() <= 1
+
+
+def test_seeded_request_alone_is_byte_identical(server):
+    req = {"steps": 10, "seed": 2024, "num_images": 2, "scheduler": "dpm++"}
+    step = server.client.predict_raw("ddpm_step", req)
+    static = server.client.predict_raw("ddpm_static", req)
+    assert step.status_code == static.status_code == 200
+    assert step.content == static.content  # a client that does not stream sees the final body only
+
+
+def test_requests_joining_mid_loop_match_static(server):
+    """A long request runs; the others arrive while it is denoising and share its UNet calls."""
+    payloads = [{"steps": 60, "seed": 1, "scheduler": "ddpm"},
+                {"steps": 10, "seed": 2, "scheduler": "ddim", "eta": 0.5, "num_images": 3},
+                {"steps": 25, "seed": 3, "scheduler": "unipc"},
+                {"steps": 10, "seed": 4, "scheduler": "euler"}, {"steps": 50, "seed": 5, "scheduler": "dpm++"},
+                {"steps": 1, "seed": 6}, {"steps": 0}]
+
+    def call(i):
+        time.sleep(0.05 * i)  # staggered arrivals: most join a loop already running
+        return server.client.predict_raw("ddpm_step", payloads[i])
+
+    with ThreadPoolExecutor(len(payloads)) as pool:
+        responses = list(pool.map(call, range(len(payloads))))
+    assert [r.status_code for r in responses] == [200] * 6 + [400]
+    assert responses[-1].json()["field"] == "steps"
+    assert max(int(r.headers["X-Batch-Size"]) for r in responses) > 1
+    for payload, resp in zip(payloads[:-1], responses):
+        assert_same(resp.json(), server.client.predict("ddpm_static", payload))
+    # a request finished in its first call is an ordinary response; the others were streamed
+    assert "content-length" in {k.lower() for k in responses[5].headers}
+    assert responses[0].headers.get("transfer-encoding") == "chunked"
+
+
+def test_png_response(server):
+    raw = server.client.predict_raw("ddpm_step", {"steps": 3, "seed": 0}, accept="image/png")
+    static = server.client.predict_raw("ddpm_static", {"steps": 3, "seed": 0}, accept="image/png")
+    assert raw.status_code == 200 and raw.headers["content-type"] == "image/png"
+    assert raw.content == static.content
+
+
+def test_streaming_client_gets_only_the_final_body(server):
+    client = server.client
+    url = f"{client.inference_url}/predictions/ddpm_step"
+    headers = {"Authorization": f"Bearer {client.keys.inference}"}
+    with requests.post(url, json={"steps": 8, "seed": 3}, headers=headers, stream=True, timeout=120) as resp:
+        chunks = [c for c in resp.iter_content(chunk_size=None) if c]
+    assert resp.status_code == 200
+    static = client.predict_raw("ddpm_static", {"steps": 8, "seed": 3})
+    assert b"".join(chunks) == static.content

@@ -1,0 +1,270 @@
+"""Step-level (continuous) batching of the ddpm handler in-process, driven the way TorchServe 0.12's
+worker drives a handler under `continuousBatching: true`: successive handle() calls, continuing
+requests first with an empty body (`{}`) at whatever index they now have, new arrivals after them
+up to the batch size; every message goes through ts's own `create_predict_response`, which calls
+`context.stopping_criteria[idx]` and sets the `ts_stream_next` header the frontend acts on.
+
+Checked: seeded requests give the same images alone, in a static batch and joined mid-loop (within
+1/255; byte-identical alone), every final body equals the static path's, bad input fails alone,
+a request finished in its first call gets an ordinary response (never `True` on its first call).
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from ts.protocol.otf_message_handler import create_predict_response
+
+from handlers.ddpm import DdpmHandler
+from handlers.ddpm_request import SCHEDULERS
+from harness import REPO
+from harness.bad_inputs import ddpm_cases
+from harness.context import run_batch
+from harness.inprocess import load_handler, unpack
+from tests.unit.test_ddpm_handler import tiny_pipeline
+
+
+@dataclass
+class Answer:
+    """What the client of one request receives: status, content type and headers of its first
+    message, every chunk, and how many handle() calls it took part in."""
+
+    status: int
+    content_type: str | None
+    headers: dict
+    chunks: list = field(default_factory=list)
+    calls: int = 0
+    streamed: bool = False
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(c if isinstance(c, bytes) else c.encode() for c in self.chunks)
+
+
+class ContinuousWorker:
+    """A stand-in for TorchServe's frontend + worker in continuous-batching mode."""
+
+    def __init__(self, handler, ctx, batch_size: int):
+        self.handler, self.ctx, self.batch_size = handler, ctx, batch_size
+        self.queue: list[tuple[str, object, dict]] = []  # arrivals not yet admitted
+        self.live: list[str] = []  # requests the backend holds (ts_stream_next true)
+        self.answers: dict[str, Answer] = {}
+        self.calls = 0
+
+    def submit(self, rid: str, body, headers: dict | None = None) -> None:
+        self.queue.append((rid, {"body": body}, headers or {}))
+
+    def step(self) -> None:
+        """One handle() call: continuing requests first ({}), then arrivals up to batchSize."""
+        quota = self.batch_size - len(self.live)
+        arrivals, self.queue = self.queue[:quota], self.queue[quota:]
+        rids = self.live + [rid for rid, _, _ in arrivals]
+        data = [{} for _ in self.live] + [row for _, row, _ in arrivals]
+        self.ctx.new_batch([{} for _ in self.live] + [h for _, _, h in arrivals])
+        self.ctx.request_ids = dict(enumerate(rids))
+        ret = self.handler.handle(data, self.ctx)
+        self.calls += 1
+        assert isinstance(ret, list) and len(ret) == len(data)  # one message per request, always
+        create_predict_response(ret, self.ctx.request_ids, "Prediction success", 200, context=self.ctx)
+        live = []
+        for idx, rid in enumerate(rids):
+            first = rid not in self.answers
+            if first:
+                code, _ = self.ctx.get_response_status(idx)
+                self.answers[rid] = Answer(code or 200, self.ctx.get_response_content_type(idx),
+                                           dict(self.ctx.get_response_headers(idx)))
+            ans = self.answers[rid]
+            ans.chunks.append(ret[idx])
+            ans.calls += 1
+            nxt = self.ctx.get_response_headers(idx).get("ts_stream_next")
+            if first and nxt == "false":
+                raise AssertionError(f"{rid}: True on its first call (the client would hang)")
+            ans.streamed = ans.streamed or nxt is not None
+            if nxt == "true":
+                live.append(rid)
+        self.live = live
+
+    def drain(self, max_calls: int = 10_000) -> None:
+        while self.live or self.queue:
+            self.step()
+            assert self.calls < max_calls
+
+
+def images_of(body: bytes | str) -> list[np.ndarray]:
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(b))), dtype=int) for b in json.loads(body)["images"]]
+
+
+def assert_same_response(step_body: bytes | str, static_body: bytes | str) -> None:
+    """Same JSON keys in the same order, same values apart from the PNGs, images within 1/255."""
+    got, want = json.loads(step_body), json.loads(static_body)
+    assert list(got) == list(want)
+    assert {k: v for k, v in got.items() if k not in ("images", "trajectory")} == \
+           {k: v for k, v in want.items() if k not in ("images", "trajectory")}
+    assert len(got["images"]) == len(want["images"])
+    for a, b in zip(images_of(step_body), images_of(static_body)):
+        assert np.abs(a - b).max() <= 1
+
+
+@pytest.fixture(scope="module")
+def handlers(tmp_path_factory):
+    """(static handler, its context), (step-level handler, its context): the same tiny UNet with
+    the shipped `cpu` and `cpu-step` model configs."""
+    root = tmp_path_factory.mktemp("ddpm-step")
+    weights = tiny_pipeline(root / "weights")
+    return [load_handler(DdpmHandler, "ddpm", unpack(root / target, "ddpm", weights, target), target)
+            for target in ("cpu", "cpu-step")]
+
+
+def static_alone(handlers, body, headers=None):
+    (static, sctx), _ = handlers
+    sctx.request_ids = None
+    (out,) = run_batch(static, sctx, [{"body": body}], headers=[headers or {}])
+    return out, sctx.status(0), sctx.get_response_content_type(0)
+
+
+MIXED = [  # every scheduler, different steps, eta and num_images
+    ("a", {"steps": 8, "seed": 1, "scheduler": "ddim", "eta": 0.5, "num_images": 2}),
+    ("b", {"steps": 5, "seed": 2, "scheduler": "ddpm"}),
+    ("c", {"steps": 6, "seed": 3, "scheduler": "dpm++", "num_images": 3}),
+    ("d", {"steps": 7, "seed": 4, "scheduler": "unipc"}),
+    ("e", {"steps": 4, "seed": 5, "scheduler": "euler", "num_images": 2}),
+    ("f", {"steps": 9, "seed": 6}),
+]
+
+
+def test_handler_knows_its_mode(handlers):
+    (static, _), (step, _) = handlers
+    assert static.step_level is False and step.step_level is True
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_alone_is_byte_identical_to_static(handlers, scheduler):
+    _, (step, ctx) = handlers
+    body = {"steps": 5, "seed": 77, "num_images": 2, "scheduler": scheduler}
+    worker = ContinuousWorker(step, ctx, batch_size=4)
+    worker.submit("r", body)
+    worker.drain()
+    ans = worker.answers["r"]
+    want, _, _ = static_alone(handlers, body)
+    assert ans.status == 200 and ans.calls == 5 and ans.streamed
+    assert ans.body == want.encode()
+    assert ans.chunks[:-1] == [b""] * 4  # a client that does not stream sees only the final body
+    assert step.flights == {}
+
+
+def test_requests_joining_mid_loop_match_alone_and_static_batch(handlers):
+    """Arrivals at different steps, batch size 3 (some wait for a free slot); each answer equals
+    the request served alone by the static path, and its images those of a static batch."""
+    (static, sctx), (step, ctx) = handlers
+    worker = ContinuousWorker(step, ctx, batch_size=3)
+    arrivals = {0: MIXED[:2], 2: MIXED[2:4], 3: MIXED[4:]}
+    for call in range(4):
+        for rid, body in arrivals.get(call, []):
+            worker.submit(rid, body)
+        worker.step()
+    worker.drain()
+    sctx.request_ids = None
+    batch = run_batch(static, sctx, [{"body": body} for _, body in MIXED])
+    for (rid, body), in_static_batch in zip(MIXED, batch):
+        ans = worker.answers[rid]
+        assert ans.status == 200 and ans.content_type == "application/json"
+        want, _, _ = static_alone(handlers, body)
+        assert_same_response(ans.body, want)
+        assert_same_response(ans.body, in_static_batch)
+        assert ans.calls == body["steps"]  # one step per call, answered at its last step
+    assert max(int(a.headers["X-Batch-Size"]) for a in worker.answers.values()) == 3
+    assert step.flights == {}
+
+
+def test_bad_input_fails_alone_and_the_others_continue(handlers):
+    _, (step, ctx) = handlers
+    worker = ContinuousWorker(step, ctx, batch_size=16)
+    worker.submit("good-1", {"steps": 3, "seed": 0})
+    worker.step()
+    for name, payload, _ in ddpm_cases():
+        worker.submit(name, payload)
+    worker.submit("good-2", {"steps": 2, "seed": 0})
+    worker.drain()
+    for name, payload, fieldname in ddpm_cases():
+        ans = worker.answers[name]
+        want, status, _ = static_alone(handlers, payload)
+        assert (ans.status, ans.calls, ans.streamed) == (400, 1, False), name  # an ordinary 400
+        assert ans.body == want.encode() and status == 400
+        assert json.loads(ans.body)["field"] == fieldname
+    for rid in ("good-1", "good-2"):
+        assert worker.answers[rid].status == 200
+        assert worker.answers[rid].body == static_alone(handlers, {"steps": 2 if rid == "good-2" else 3,
+                                                                    "seed": 0})[0].encode()
+
+
+def test_one_step_request_gets_an_ordinary_response(handlers):
+    _, (step, ctx) = handlers
+    worker = ContinuousWorker(step, ctx, batch_size=4)
+    worker.submit("slow", {"steps": 4, "seed": 1})
+    worker.submit("one", {"steps": 1, "seed": 1})
+    worker.drain()
+    one = worker.answers["one"]
+    assert (one.status, one.calls, one.streamed) == (200, 1, False)  # stopping criterion None
+    assert one.body == static_alone(handlers, {"steps": 1, "seed": 1})[0].encode()
+    assert worker.answers["slow"].streamed
+
+
+def test_png_and_trajectory_match_static(handlers):
+    _, (step, ctx) = handlers
+    worker = ContinuousWorker(step, ctx, batch_size=4)
+    worker.submit("traj", {"steps": 12, "seed": 0, "trajectory": True})
+    worker.step()
+    worker.submit("png", {"steps": 3, "seed": 0}, headers={"Accept": "image/png"})
+    worker.drain()
+    png = worker.answers["png"]
+    want, _, ctype = static_alone(handlers, {"steps": 3, "seed": 0}, {"Accept": "image/png"})
+    assert png.content_type == ctype == "image/png" and png.body == want
+    traj = worker.answers["traj"]
+    want, _, _ = static_alone(handlers, {"steps": 12, "seed": 0, "trajectory": True})
+    assert_same_response(traj.body, want)  # the PNG request joined at step 2: images within 1/255
+    gif = Image.open(io.BytesIO(base64.b64decode(json.loads(traj.body)["trajectory"])))
+    static_gif = Image.open(io.BytesIO(base64.b64decode(json.loads(want)["trajectory"])))
+    assert gif.n_frames == static_gif.n_frames >= 5
+
+
+def test_state_of_a_dropped_request_is_freed(handlers):
+    """A client that closes its connection is removed by the frontend: it is not sent again."""
+    _, (step, ctx) = handlers
+    worker = ContinuousWorker(step, ctx, batch_size=4)
+    worker.submit("stays", {"steps": 4, "seed": 1})
+    worker.submit("leaves", {"steps": 50, "seed": 2})
+    worker.step()
+    assert set(step.flights) == {"stays", "leaves"}
+    worker.live.remove("leaves")
+    worker.drain()
+    assert step.flights == {}
+    assert worker.answers["stays"].body == static_alone(handlers, {"steps": 4, "seed": 1})[0].encode()
+
+
+def test_describe_and_static_calls_still_work_in_step_mode(handlers):
+    _, (step, ctx) = handlers
+    ctx.request_ids = {0: "describe-1"}
+    ctx.new_batch([{"describe": "True"}])
+    (out,) = step.handle([{}], ctx)
+    assert json.loads(out)["step_level_batching"] is True and ctx.stopping_criteria is None
+    # Without request ids (in-process callers, the existing tests) the handler batches statically.
+    ctx.request_ids = None
+    (out,) = run_batch(step, ctx, [{"body": {"steps": 3, "seed": 9}}])
+    assert out == static_alone(handlers, {"steps": 3, "seed": 9})[0]
+
+
+def test_shipped_configs_fit_one_step_per_call():
+    """Each call is one step of at most batchSize x max_num_images image-steps: far inside
+    the per-message responseTimeout of every target that turns step-level batching on."""
+    for path in sorted((REPO / "model_configs/ddpm").glob("*.yaml")):
+        cfg = yaml.safe_load(path.read_text())
+        if cfg.get("continuousBatching"):
+            h = cfg["handler"]
+            per_call_s = cfg["batchSize"] * h["max_num_images"] / h["image_steps_per_second"]
+            assert per_call_s <= cfg["responseTimeout"] * h["timeout_margin"], path.name
