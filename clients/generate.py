@@ -1,9 +1,11 @@
 """Generate images with the `sd15` model (txt2img; img2img with --image; inpainting with
 --image and --mask, white = repaint) and save them as PNGs.
 
-    python -m clients.generate "a lighthouse at dusk" --seed 1 --steps 25 --out outputs/sd15
-    python -m clients.generate "oil painting" --image photo.png --strength 0.6
-    python -m clients.generate "a red door" --image house.png --mask door-mask.png
+    python -m clients.generate "a red handwritten 7" --seed 1 --steps 25 --out outputs/sd15
+    python -m clients.generate "a green 2" --image digit.png --strength 0.9
+    python -m clients.generate "a blue 1" --image digit.png --mask right-half.png
+(the demo profile's model draws 64x64 digits in red, green, blue, yellow or white; the same
+client serves real SD1.5 prompts with PROFILE=pretrained)
 """
 from __future__ import annotations
 
@@ -29,21 +31,50 @@ def generate(client: TorchServeClient, prompt: str, out: Path, name: str, **para
     return {**result, "paths": paths}
 
 
+DEMO_COLOURS = ("red", "green", "blue", "yellow", "white")
+
+
 def demo(out: Path) -> str:
-    """What `make demo` runs: txt2img, img2img and inpainting at 64x64 on the demo model."""
+    """What `make demo` runs on the demo model (64x64 coloured digits): a grid of digits x colours,
+    an img2img and an inpainting example each beside its input, and a negative-prompt pair."""
+    import base64
+    import io
+
     from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+    from torchvision.utils import make_grid
 
     client = TorchServeClient(key_file=Path(__file__).resolve().parents[1] / "key_file.json")
-    small = {"steps": 10, "width": 64, "height": 64, "seed": 0}
-    t2i = generate(client, "a lighthouse at dusk", out, "txt2img", **small)
-    src = t2i["paths"][0]
-    mask = out / "mask.png"
-    m = Image.new("L", (64, 64), 0)
-    m.paste(255, (16, 16, 48, 48))
-    m.save(mask)
-    generate(client, "a lighthouse at dawn", out, "img2img", image=src, strength=0.6, **small)
-    generate(client, "a red door", out, "inpaint", image=src, mask=mask, **small)
-    return f"sd15: txt2img, img2img and inpaint PNGs in {out} (demo model: noise images, a smoke test)"
+
+    def draw(name: str, prompt: str, **params) -> Image.Image:
+        result = generate(client, prompt, out / "parts", name, **params)
+        return Image.open(io.BytesIO(base64.b64decode(result["images"][0]))).convert("RGB")
+
+    def sheet(images: list[Image.Image], path: Path, nrow: int) -> Path:
+        grid = make_grid([pil_to_tensor(i) for i in images], nrow=nrow, padding=2, pad_value=90)
+        img = to_pil_image(grid)
+        img.resize((img.width * 2, img.height * 2), Image.NEAREST).save(path)
+        return path
+
+    out.mkdir(parents=True, exist_ok=True)
+    cells = [draw(f"{c}-{d}", f"a {c} handwritten {d}", seed=d) for c in DEMO_COLOURS for d in range(10)]
+    grid = sheet(cells, out / "digits-by-colour.png", nrow=10)
+    seven = cells[DEMO_COLOURS.index("blue") * 10 + 7]
+    (out / "parts").mkdir(parents=True, exist_ok=True)
+    seven.save(out / "parts" / "input-7.png")
+    img2img = draw("img2img", "a yellow handwritten 2", image=out / "parts" / "input-7.png", strength=0.9, seed=1)
+    mask = Image.new("L", seven.size, 0)
+    mask.paste(255, (seven.width // 2, 0, seven.width, seven.height))
+    mask.save(out / "parts" / "mask.png")
+    inpaint = draw("inpaint", "a blue handwritten 1", image=out / "parts" / "input-7.png",
+                   mask=out / "parts" / "mask.png", seed=2)
+    pairs = sheet([seven, img2img, seven, mask.convert("RGB"), inpaint], out / "img2img-and-inpaint.png", nrow=5)
+    plain = [draw(f"plain-{s}", "", seed=s) for s in range(10)]
+    negative = [draw(f"negative-{s}", "", negative_prompt="a handwritten 3", seed=s) for s in range(10)]
+    neg = sheet(plain + negative, out / "negative-prompt.png", nrow=10)
+    return (f"sd15: {grid} (rows: {', '.join(DEMO_COLOURS)}; digits 0-9), {pairs} (input 7 -> img2img "
+            f"'a yellow 2' at 0.9; input, mask, inpainted 'a blue 1'), {neg} (empty prompt, seeds 0-9: "
+            "without / with negative_prompt 'a handwritten 3')")
 
 
 def main(argv: list[str] | None = None) -> int:

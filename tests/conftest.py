@@ -47,7 +47,7 @@ def ddpm_handler(tmp_path_factory):
 def sd15_handler(tmp_path_factory):
     from handlers.sd15 import Sd15Handler
 
-    model_dir = unpack(tmp_path_factory.mktemp("sd15"), "sd15", demo_weights("sd15"))
+    model_dir = unpack(tmp_path_factory.mktemp("sd15"), "sd15", demo_weights("sd15-smoke"))
     return load_handler(Sd15Handler, "sd15", model_dir)
 
 

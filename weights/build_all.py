@@ -1,7 +1,9 @@
 """Makes sure every model has a weights directory for a profile (what `make weights` runs).
 
-demo: builds what is missing under weights/demo/ (cam is trained, sd15 is generated; the ddpm
-demo weights are committed because training takes ~15 minutes, see weights/train_ddpm_demo.py).
+demo: builds what is missing under weights/demo/ (cam is trained here in ~1.5 min; the ddpm and
+sd15 demo weights are committed because training takes ~15 and ~45 minutes, see
+weights/train_ddpm_demo.py and weights/train_sd15_demo.py), plus `sd15-smoke`, the tiny random
+Stable Diffusion pipeline the unit tests use for the handler's mechanics.
 pretrained: prepares weights/pretrained/ from local files (cam: the torchvision ResNet-50 file),
 or for the diffusion models checks the directory given by DDPM_WEIGHTS / SD15_WEIGHTS (or under
 weights/pretrained/), downloading from the hub only when HF_HUB_OFFLINE is not set.
@@ -24,13 +26,13 @@ def build_demo(model: str, out: Path) -> None:
         from weights import build_cam_demo
 
         build_cam_demo.main(["--out", str(out)])
-    elif model == "sd15":
+    elif model == "sd15-smoke":
         from weights import build_sd15_demo
 
         build_sd15_demo.main(["--out", str(out)])
     else:
-        raise SystemExit(f"{out} is missing: the ddpm demo weights are committed; restore them with "
-                         "'git checkout weights/demo/ddpm' or retrain with 'python -m weights.train_ddpm_demo'")
+        raise SystemExit(f"{out} is missing: the {model} demo weights are committed; restore them with "
+                         f"'git checkout weights/demo/{model}' or retrain with 'python -m weights.train_{model}_demo'")
 
 
 def prepare_pretrained(model: str, out: Path) -> None:
@@ -76,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", choices=("demo", "pretrained"), default="demo")
     parser.add_argument("models", nargs="*", default=["cam", "ddpm", "sd15"])
     args = parser.parse_args(argv)
+    if args.profile == "demo" and "sd15" in args.models:
+        args.models.append("sd15-smoke")
     for model in args.models:
         out = ROOT / args.profile / model
         if is_current(model, out):

@@ -4,7 +4,7 @@ It has the real SD1.5 component types (UNet2DConditionModel, AutoencoderKL, CLIP
 CLIPTokenizer with the real CLIP BPE vocabulary, PNDMScheduler configured like SD1.5) in diffusers
 layout, so every code path of the `sd15` handler runs offline. Its images are NOISE.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python -m weights.build_sd15_demo [--out weights/demo/sd15] [--seed 0]
+    HF_HUB_OFFLINE=1 .venv/bin/python -m weights.build_sd15_demo [--out weights/demo/sd15-smoke] [--seed 0]
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from weights.atomic import atomic_dir  # noqa: E402
 
-DEFAULT_OUT = Path("weights/demo/sd15")
+DEFAULT_OUT = Path("weights/demo/sd15-smoke")
 MODEL_MAX_LENGTH = 77
 CLIP_VOCAB_SIZE = 49408
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"

@@ -7,14 +7,17 @@ and SD1.5's PNDMScheduler configuration (scaled_linear betas 0.00085..0.012, 100
 the handler's DDIM / Euler / DPM++ schedulers are built from. Images are 64x64 RGB (8x8x4
 latents, so the UNet's sample_size is 8 and the handler's default size is 64).
 
-Three phases, each with a progress bar, all seeded:
+Four phases, each with a progress bar, all seeded:
   1. the VAE alone (L1 + MSE reconstruction, a tiny KL weight), then frozen;
   2. the latents of every training image in every colour, and SD's latent scaling factor
      (1 / std of the latents, as SD1.5's 0.18215 was chosen);
   3. the UNet and the text encoder jointly from scratch (epsilon prediction, DDPM noise), with
-     15 % empty captions for classifier-free guidance, EMA weights saved.
+     15 % empty captions for classifier-free guidance, EMA weights saved;
+  4. the VAE decoder alone (the encoder and so the latents stay as they were) on latents spliced
+     from two images along latent-cell boundaries: a more local decoder, so inpainting keeps
+     the pixels away from the mask.
 
-    .venv/bin/python -m weights.train_sd15_demo [--out weights/demo/sd15-trained] [--seed 0]
+    .venv/bin/python -m weights.train_sd15_demo [--out weights/demo/sd15] [--seed 0]
 
 Data: weights/sd15_captions.py on the train part of weights.digits.split_indices(seed=0); the
 held-out digits are never seen.
@@ -42,7 +45,7 @@ from weights import digits, sd15_captions  # noqa: E402
 from weights.atomic import atomic_dir  # noqa: E402
 from weights.build_sd15_demo import CLIP_VOCAB_SIZE, MODEL_MAX_LENGTH, write_tokenizer_files  # noqa: E402
 
-DEFAULT_OUT = Path("weights/demo/sd15-trained")
+DEFAULT_OUT = Path("weights/demo/sd15")
 TRAINED_NOTE = "training.json"
 
 
@@ -51,15 +54,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (diffusers layout)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="1 is fastest for this tiny model on a shared 2-core box (2 OpenMP threads wait on each other)")
     # VAE
     p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--vae-batch-size", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=2e-3)
     p.add_argument("--vae-channels", type=lambda s: tuple(int(v) for v in s.split(",")), default=(8, 16, 32, 32))
     p.add_argument("--kl-weight", type=float, default=1e-6)
+    p.add_argument("--decoder-steps", type=int, default=6000, help="phase 4: decoder locality fine-tuning")
+    p.add_argument("--decoder-lr", type=float, default=1e-3)
+    p.add_argument("--decoder-splice-share", type=float, default=0.9, help="share of spliced latents per batch")
     # text encoder + UNet
-    p.add_argument("--steps", type=int, default=4000)
+    p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup-steps", type=int, default=300)
@@ -148,7 +155,7 @@ def train_vae(vae, gray: np.ndarray, args, gen: torch.Generator) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(min(100, args.vae_steps), args.vae_steps))
     vae.train()
     recent_rec, recent_kl = [], []
-    bar = tqdm(range(args.vae_steps), desc="1/3 vae", unit="step", disable=args.no_progress,
+    bar = tqdm(range(args.vae_steps), desc="1/4 vae", unit="step", disable=args.no_progress,
                dynamic_ncols=True, file=sys.stderr)
     for step in bar:
         idx = torch.randint(0, n, (args.vae_batch_size,), generator=gen)
@@ -176,6 +183,72 @@ def train_vae(vae, gray: np.ndarray, args, gen: torch.Generator) -> dict:
             "vae_final_kl_per_dim": round(float(np.mean(recent_kl)), 3)}
 
 
+def splice_masks(n: int, cells: int, gen: torch.Generator) -> torch.Tensor:
+    """(n, 1, cells, cells) masks in latent cells (1 = take image B): a vertical or horizontal
+    split at a random cell boundary, or a random rectangle, like inpainting masks."""
+    masks = torch.zeros(n, 1, cells, cells)
+    kind = torch.randint(0, 3, (n,), generator=gen)
+    a = torch.randint(1, cells, (n,), generator=gen)
+    b = torch.randint(1, cells, (n,), generator=gen)
+    for i in range(n):
+        k, lo, hi = int(kind[i]), int(min(a[i], b[i])), int(max(a[i], b[i]))
+        if k == 0:
+            masks[i, :, :, lo:] = 1
+        elif k == 1:
+            masks[i, :, lo:, :] = 1
+        else:
+            masks[i, :, lo - 1:hi, lo - 1:hi] = 1
+    return masks
+
+
+def finetune_decoder(vae, gray: np.ndarray, args, gen: torch.Generator) -> dict:
+    """Phase 4: the decoder alone (the encoder, hence every latent the UNet learned, is unchanged)
+    learns locality. Half of each batch is plain reconstruction; the other half decodes latents
+    spliced from two images along latent-cell boundaries and must give the same splice of the two
+    pictures. Inpainting keeps the input's latents outside the mask, so with a local decoder the
+    pixels away from the mask stay as the VAE round trip leaves them."""
+    n, k = len(gray), len(sd15_captions.COLOUR_NAMES)
+    colours = torch.tensor([sd15_captions.COLOURS[c] for c in sd15_captions.COLOUR_NAMES])
+    ink = digits.upscale(gray, sd15_captions.IMAGE_SIZE)
+    cells = sd15_captions.IMAGE_SIZE // 8
+    decoder = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in decoder:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(decoder, lr=args.decoder_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(min(50, args.decoder_steps), args.decoder_steps))
+    vae.decoder.train()
+    recent = []
+    bs = args.vae_batch_size
+    bar = tqdm(range(args.decoder_steps), desc="4/4 vae decoder locality", unit="step", disable=args.no_progress,
+               dynamic_ncols=True, file=sys.stderr)
+    for step in bar:
+        idx = torch.randint(0, n, (2, bs), generator=gen)
+        col = torch.randint(0, k, (2, bs), generator=gen)
+        xa = (ink[idx[0]] * colours[col[0]].view(-1, 3, 1, 1)) * 2 - 1
+        xb = (ink[idx[1]] * colours[col[1]].view(-1, 3, 1, 1)) * 2 - 1
+        with torch.no_grad():
+            za, zb = vae.encode(xa).latent_dist.mean, vae.encode(xb).latent_dist.mean
+        m = splice_masks(bs, cells, gen)
+        m[: int(round(bs * (1 - args.decoder_splice_share)))] = 0  # the rest: plain reconstruction
+        z = za * (1 - m) + zb * m
+        mp = F.interpolate(m, scale_factor=8, mode="nearest")
+        target = xa * (1 - mp) + xb * mp
+        rec = vae.decode(z).sample
+        loss = F.l1_loss(rec, target) + F.mse_loss(rec, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(decoder, 1.0)
+        opt.step()
+        sched.step()
+        recent.append(loss.item())
+        del recent[:-100]
+        if step % 20 == 0 or step == args.decoder_steps - 1:
+            bar.set_postfix(loss=f"{np.mean(recent):.4f}")
+    bar.close()
+    vae.eval().requires_grad_(False)
+    return {"decoder_final_loss": round(float(np.mean(recent)), 5)}
+
+
 # phase 2: latents -----------------------------------------------------------------------------
 def encode_dataset(vae, gray: np.ndarray, labels: np.ndarray, args) -> dict:
     """Latent mean/std of every training digit in every colour, SD's scaling factor, and the
@@ -183,7 +256,7 @@ def encode_dataset(vae, gray: np.ndarray, labels: np.ndarray, args) -> dict:
     means, stds, digit_of, colour_of, errs = [], [], [], [], []
     total = len(sd15_captions.COLOUR_NAMES)
     with torch.inference_mode():
-        for ci, colour in enumerate(tqdm(sd15_captions.COLOUR_NAMES, desc="2/3 latents", unit="colour",
+        for ci, colour in enumerate(tqdm(sd15_captions.COLOUR_NAMES, desc="2/4 latents", unit="colour",
                                          disable=args.no_progress, dynamic_ncols=True, file=sys.stderr,
                                          total=total)):
             x = sd15_captions.render(gray, colour) * 2 - 1
@@ -239,7 +312,7 @@ def train_denoiser(text_encoder, unet, latents: dict, tokenizer, args, gen: torc
     unet.train()
     text_encoder.train()
     recent = []
-    bar = tqdm(range(args.steps), desc="3/3 unet+text", unit="step", disable=args.no_progress,
+    bar = tqdm(range(args.steps), desc="3/4 unet+text", unit="step", disable=args.no_progress,
                dynamic_ncols=True, file=sys.stderr)
     for step in bar:
         idx = torch.randint(0, n, (args.batch_size,), generator=gen)
@@ -299,6 +372,11 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     info.update(train_denoiser(comps["text_encoder"], comps["unet"], latents, comps["tokenizer"], args, gen))
     times["unet_text_s"] = round(time.perf_counter() - t0, 1)
+
+    # its own generator: this phase does not change what phases 1-3 draw
+    t0 = time.perf_counter()
+    info.update(finetune_decoder(comps["vae"], gray, args, torch.Generator().manual_seed(args.seed + 3)))
+    times["decoder_s"] = round(time.perf_counter() - t0, 1)
     wall, cpu = time.perf_counter() - t_start, time.process_time() - cpu_start
 
     pipe = StableDiffusionPipeline(**comps, safety_checker=None, feature_extractor=None,
