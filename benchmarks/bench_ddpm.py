@@ -14,7 +14,6 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from collections import Counter
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from benchmarks.measure import interleaved, load
+from benchmarks.measure import ChildRounds, interleaved, load
 from harness import REPO
 from harness.torchserve import TorchServeInstance
 
@@ -65,38 +64,13 @@ def raw_pool(workers: int, threads: int) -> None:
         print("images/s", sum(rates.get() for _ in range(workers)), flush=True)
 
 
-class RawPool:
-    """The in-process side, in its own session: `round()` -> images/s of all its processes."""
-
-    def __init__(self, workers: int, threads: int):
-        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_ddpm", str(workers), str(threads)],
-                                     cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     start_new_session=True)
-        self._line("ready")
-
-    def _line(self, prefix: str) -> str:
-        for line in self.proc.stdout:  # libraries may print to the same stdout
-            if line.startswith(prefix):
-                return line
-        raise RuntimeError(f"the in-process sampler pool exited with {self.proc.wait()}")
-
-    def round(self) -> float:
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-        return float(self._line("images/s ").split()[1])
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-
-
 def run() -> dict:
     config = yaml.safe_load(CONFIG.read_text())
     workers, threads = config["maxWorkers"], config["handler"]["threads"]
     names = {"batched": ("ddpm", config["batchSize"]), "batch1": ("ddpm_b1", 1)}
     batch_sizes: Counter = Counter()
     load_before = os.getloadavg()[0]
-    pool = RawPool(workers, threads)
+    pool = ChildRounds("benchmarks.bench_ddpm", str(workers), str(threads))
     try:
         with TorchServeInstance(archives=["ddpm.mar"], load_at_start=False) as ts:
             client = ts.client

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.measure import percentile
+from benchmarks.measure import ChildRounds, percentile
 from harness import REPO
 from harness.torchserve import TorchServeInstance
 
@@ -159,28 +159,6 @@ def raw_step_loop() -> None:
         print("images/s", run(), flush=True)
 
 
-class RawLoop:
-    def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_ddpm_workload", "raw"], cwd=REPO,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
-        self._line("ready")
-
-    def _line(self, prefix: str) -> str:
-        for line in self.proc.stdout:
-            if line.startswith(prefix):
-                return line
-        raise RuntimeError(f"the in-process step loop exited with {self.proc.wait()}")
-
-    def round(self) -> float:
-        self.proc.stdin.write("go\n")
-        self.proc.stdin.flush()
-        return float(self._line("images/s ").split()[1])
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=60)
-
-
 def run(requests: int = REQUESTS, rounds: int = ROUNDS, utilisation: float = UTILISATION) -> dict:
     cfgs = configs()
     bodies = [b for _, b in workload(CAPACITY_REQUESTS, 1.0)]
@@ -188,7 +166,7 @@ def run(requests: int = REQUESTS, rounds: int = ROUNDS, utilisation: float = UTI
     load_before = os.getloadavg()
     root = Path(tempfile.mkdtemp(prefix="bench-ddpm-workload-"))
     store = build_store(root)
-    raw = RawLoop()
+    raw = ChildRounds("benchmarks.bench_ddpm_workload", "raw")
     res: dict[str, dict[str, list[float]]] = {m: {} for m in cfgs}
     raw_ips: list[float] = []
     loads = []

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
+
+from harness import REPO
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2) -> dict[str, float]:
@@ -44,3 +48,29 @@ def load(call: Callable[[int], object], total: int, concurrency: int) -> float:
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(call, range(total)))
     return total / (time.perf_counter() - start)
+
+
+class ChildRounds:
+    """An in-process measurement in a child process and session of its own (`python -m <module>
+    <args>`), so it shares no threads with the parent: it prints "ready", then answers each "go"
+    on stdin with a line "images/s <x>"; `round()` returns x."""
+
+    def __init__(self, module: str, *args: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, start_new_session=True)
+        self._line("ready")
+
+    def _line(self, prefix: str) -> str:
+        for line in self.proc.stdout:  # libraries may print to the same stdout
+            if line.startswith(prefix):
+                return line
+        raise RuntimeError(f"the in-process measurement {self.proc.args[2]} exited with {self.proc.wait()}")
+
+    def round(self) -> float:
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        return float(self._line("images/s ").split()[1])
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)

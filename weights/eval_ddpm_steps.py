@@ -29,7 +29,6 @@ from handlers.ddpm import DdpmHandler
 from handlers.ddpm_request import SCHEDULERS
 from harness.context import run_batch
 from harness.inprocess import load_handler, unpack
-from weights import digits
 from weights.eval_ddpm_quality import CONFIDENCE, CamClassifier, summarize
 
 STEPS = (5, 10, 15, 25, 50)
