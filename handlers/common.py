@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from handlers.errors import RequestError
+from handlers.errors import RequestError, set_error_status
 from handlers.request import RequestModel
 from handlers import kserve  # KServe v1/v2 bodies (TS_SERVICE_ENVELOPE); see that module
 
@@ -298,8 +298,7 @@ class BatchedHandler(BaseHandler):
             for key, value in oc.headers.items():
                 self.context.set_response_header(idx, key, value)
             if oc.error is not None:
-                phrase = {400: "Bad Request", 503: "Service Unavailable"}.get(oc.error.status, "Internal Server Error")
-                self.context.set_response_status(oc.error.status, phrase, idx)
+                set_error_status(self.context, idx, oc.error)
                 self.context.set_response_content_type(idx, JSON_TYPE)
                 out.append(json.dumps(oc.error.body()))
             else:

@@ -30,7 +30,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from handlers.common import (JSON_TYPE, PNG_TYPE, BatchedHandler, Group, Outcome, Pending, header,
                              timeout_budget, wants_png)
 from handlers.ddpm_request import SCHEDULERS, DdpmRequest
-from handlers.errors import RequestError
+from handlers.errors import RequestError, set_error_status
 from handlers.images import b64_png, encode_png, tensor_to_pil
 
 logger = logging.getLogger(__name__)
@@ -83,25 +83,32 @@ class DdpmHandler(BatchedHandler):
         return super().handle(data, context)
 
     # inference ----------------------------------------------------------------------------
-    def run_group(self, group: Group) -> list[tuple]:
-        """One denoising loop for the whole group: per image, (PIL image, x0 frames or None)."""
-        shared = group.shared
-        scheduler = SCHEDULERS[shared["scheduler"]].from_config(self.scheduler_config)
+    def start(self, name: str, steps: int, eta: float | None, generators: list) -> tuple:
+        """What a denoising loop starts from, for the static and the step-level path alike: a fresh
+        scheduler with its timesteps, the initial noise of each generator's image, the arguments
+        its step() takes, and the step indexes whose x0 estimate a trajectory keeps."""
+        scheduler = SCHEDULERS[name].from_config(self.scheduler_config)
         # Timesteps stay on the CPU, as in diffusers' DDPMPipeline: step() indexes the scheduler's
         # CPU tables with them; the UNet moves t to its own device.
-        scheduler.set_timesteps(shared["steps"])
-        generators = group.generators()
+        scheduler.set_timesteps(steps)
         x = randn_tensor((len(generators), *self.shape), generator=generators, device=self.device, dtype=self.dtype)
         x = x * scheduler.init_noise_sigma
         # As diffusers' pipelines do: pass a step() only the arguments it takes (UniPC takes no
         # generator, only DDIM an eta).
         accepted = inspect.signature(scheduler.step).parameters
         step_kwargs = {"generator": generators} if "generator" in accepted else {}
-        if shared["eta"] is not None:
-            step_kwargs["eta"] = shared["eta"]
+        if eta is not None:
+            step_kwargs["eta"] = eta
+        keep = set(torch.linspace(0, len(scheduler.timesteps) - 1, TRAJECTORY_FRAMES).round().int().tolist())
+        return scheduler, x, step_kwargs, keep
+
+    def run_group(self, group: Group) -> list[tuple]:
+        """One denoising loop for the whole group: per image, (PIL image, x0 frames or None)."""
+        shared = group.shared
+        generators = group.generators()
+        scheduler, x, step_kwargs, keep = self.start(shared["scheduler"], shared["steps"], shared["eta"], generators)
         wanted = group.per_image("trajectory")
         watch = [i for i in group.first_images() if wanted[i]]
-        keep = set(torch.linspace(0, len(scheduler.timesteps) - 1, TRAJECTORY_FRAMES).round().int().tolist())
         frames: dict[int, list] = {i: [] for i in watch}
         tick = time.monotonic()
         for k, t in enumerate(scheduler.timesteps):
@@ -176,9 +183,7 @@ class DdpmHandler(BatchedHandler):
                 for key, value in oc.headers.items():
                     ctx.set_response_header(idx, key, value)
                 if oc.error is not None:
-                    phrase = {400: "Bad Request", 503: "Service Unavailable"}.get(oc.error.status,
-                                                                                   "Internal Server Error")
-                    ctx.set_response_status(oc.error.status, phrase, idx)
+                    set_error_status(ctx, idx, oc.error)
                 ctx.set_response_content_type(idx, JSON_TYPE if oc.error is not None else oc.content_type)
             # After its first message a request's status is fixed (200): a later error goes in-band.
             body = oc.error.body() if oc.error is not None else oc.response
@@ -190,17 +195,8 @@ class DdpmHandler(BatchedHandler):
     def take_off(self, pending: Pending) -> SimpleNamespace:
         """A request's own sampling state, set up exactly as run_group sets up a group of one."""
         req = pending.params
-        scheduler = SCHEDULERS[req.scheduler].from_config(self.scheduler_config)
-        scheduler.set_timesteps(req.steps)
-        group = Group(shared=req.shared(), requests=[pending])
-        generators = group.generators()
-        x = randn_tensor((len(generators), *self.shape), generator=generators, device=self.device, dtype=self.dtype)
-        x = x * scheduler.init_noise_sigma
-        accepted = inspect.signature(scheduler.step).parameters
-        step_kwargs = {"generator": generators} if "generator" in accepted else {}
-        if req.eta is not None:
-            step_kwargs["eta"] = req.eta
-        keep = set(torch.linspace(0, len(scheduler.timesteps) - 1, TRAJECTORY_FRAMES).round().int().tolist())
+        generators = Group(shared=req.shared(), requests=[pending]).generators()
+        scheduler, x, step_kwargs, keep = self.start(req.scheduler, req.steps, req.eta, generators)
         return SimpleNamespace(pending=pending, scheduler=scheduler, x=x, k=0, step_kwargs=step_kwargs,
                                keep=keep if req.trajectory else set(), frames={0: []} if req.trajectory else {},
                                png_response=pending.png and not req.trajectory, done=False)

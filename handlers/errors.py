@@ -1,5 +1,6 @@
-"""The one exception a handler raises for bad input: it becomes an HTTP error for that request
-only (`{"error", "field"}`), while the other requests of the same TorchServe batch go on."""
+"""The one exception a handler raises for bad input, and how it becomes that request's HTTP status:
+an error for that request only (`{"error", "field"}`), while the other requests of the same
+TorchServe batch go on."""
 from __future__ import annotations
 
 
@@ -14,3 +15,9 @@ class RequestError(Exception):
 
     def body(self) -> dict:
         return {"error": self.message, "field": self.field}
+
+
+def set_error_status(context, idx: int, error: RequestError) -> None:
+    """The HTTP status and reason phrase of request idx's error (TorchServe's per-request status)."""
+    phrase = {400: "Bad Request", 503: "Service Unavailable"}.get(error.status, "Internal Server Error")
+    context.set_response_status(error.status, phrase, idx)

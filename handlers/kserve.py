@@ -30,7 +30,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from handlers.errors import RequestError
+from handlers.errors import RequestError, set_error_status
 
 logger = logging.getLogger(__name__)
 
@@ -242,8 +242,7 @@ def tensor(name: str, value: Any) -> dict:
 def _fail(handler, idx: int, err: RequestError, message: str) -> str:
     from handlers.common import JSON_TYPE
 
-    phrase = {400: "Bad Request", 503: "Service Unavailable"}.get(err.status, "Internal Server Error")
-    handler.context.set_response_status(err.status, phrase, idx)
+    set_error_status(handler.context, idx, err)
     handler.context.set_response_content_type(idx, JSON_TYPE)
     return json.dumps({"error": message})
 
