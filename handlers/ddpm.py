@@ -188,8 +188,8 @@ class DdpmHandler(BatchedHandler):
                 out.append(self.flight_events(f) if live else b"")
                 stops.append(False)
                 continue
-            if live:
-                out.append(BatchStreams.last_chunk(oc))
+            if live:  # the last step's progress, then the result (or an error event)
+                out.append((self.flight_events(f) if oc.error is None else b"") + BatchStreams.last_chunk(oc))
             else:
                 if idx in new:
                     for key, value in oc.headers.items():
