@@ -25,8 +25,8 @@ class FieldError(ValueError):
 def failure_text(client: TorchServeClient, exc: Exception) -> str:
     """One line for a failed call, without a stack trace."""
     if isinstance(exc, requests.ConnectionError):
-        return (f"TorchServe is not answering at {client.inference_url}: start it with `make start` "
-                "(or run `make ui`, which starts it).")
+        return (f"TorchServe is not answering at {client.inference_url}: start it with make start "
+                "(or run make ui, which starts it).")
     if isinstance(exc, requests.Timeout):
         return f"TorchServe did not answer within {client.timeout:.0f} s."
     if isinstance(exc, ServerError):
@@ -111,6 +111,19 @@ def schema_hint(schema: dict, field: str) -> str:
     if "default" in prop and prop["default"] is not None:
         parts.append(f"default {prop['default']}")
     return ", ".join(parts)
+
+
+def optional_number(text: str | None, field: str, kind: type = int) -> int | float | None:
+    """An optional numeric input (a textbox: gr.Number cannot be left empty): empty = None, the
+    model's default."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        raise FieldError(field, f"'{field}' must be {'an integer' if kind is int else 'a number'} "
+                                f"or empty, got {text!r}") from None
 
 
 def request_schema(client: TorchServeClient, model: str) -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 
 from clients.api import TorchServeClient
-from ui.common import Fields, png, request_schema, schema_hint
+from ui.common import Fields, optional_number, png, request_schema, schema_hint
 
 MODEL = "ddpm"
 # The GIFs handed to Gradio (it copies them into its cache); removed when the app exits.
@@ -26,9 +26,9 @@ def build(demo: gr.Blocks, client: TorchServeClient) -> None:
                 fields.slot("scheduler")
                 steps = gr.Number(label="Steps", value=10, precision=0, elem_id="ddpm-steps")
                 fields.slot("steps")
-                eta = gr.Number(label="eta (ddim only; empty = 0)", value=None, elem_id="ddpm-eta")
+                eta = gr.Textbox(label="eta (ddim only)", placeholder="0", elem_id="ddpm-eta")
                 fields.slot("eta")
-                seed = gr.Number(label="Seed (empty = random)", value=None, precision=0, elem_id="ddpm-seed")
+                seed = gr.Textbox(label="Seed", placeholder="random", elem_id="ddpm-seed")
                 fields.slot("seed")
                 num_images = gr.Number(label="Number of images", value=8, precision=0, elem_id="ddpm-num-images")
                 fields.slot("num_images")
@@ -53,10 +53,11 @@ def build(demo: gr.Blocks, client: TorchServeClient) -> None:
         }
 
     def sample(scheduler_, steps_, eta_, seed_, num_images_, trajectory_):
-        payload = {"scheduler": scheduler_, "steps": steps_, "eta": eta_, "seed": seed_,
+        payload = {"scheduler": scheduler_, "steps": steps_, "eta": optional_number(eta_, "eta", float),
+                   "seed": optional_number(seed_, "seed"),
                    "num_images": num_images_, "trajectory": trajectory_}
         payload = {k: v for k, v in payload.items() if v is not None}
-        yield {fields.status: f"sampling {steps_} steps ..."}
+        yield {info: f"sampling {steps_} steps ..."}
         result = client.predict(MODEL, payload)
         gif = None
         if result.get("trajectory"):

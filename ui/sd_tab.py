@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from clients.api import TorchServeClient
-from ui.common import Fields, b64_png, png, request_schema, schema_hint
+from ui.common import Fields, b64_png, optional_number, png, request_schema, schema_hint
 
 MODEL = "sd15"
 
@@ -39,43 +39,41 @@ def build(demo: gr.Blocks, client: TorchServeClient) -> None:
                 with gr.Row():
                     steps = gr.Number(label="Steps", value=25, precision=0, elem_id="sd15-steps")
                     guidance = gr.Number(label="Guidance", value=7.5, elem_id="sd15-guidance-scale")
+                    scheduler = gr.Dropdown(label="Scheduler", elem_id="sd15-scheduler")
                 with gr.Row():
                     fields.slot("steps")
                     fields.slot("guidance_scale")
+                    fields.slot("scheduler")
                 with gr.Row():
-                    width = gr.Number(label="Width (empty = native)", value=None, precision=0, elem_id="sd15-width")
-                    height = gr.Number(label="Height (empty = native)", value=None, precision=0, elem_id="sd15-height")
+                    width = gr.Textbox(label="Width", placeholder="native", elem_id="sd15-width")
+                    height = gr.Textbox(label="Height", placeholder="native", elem_id="sd15-height")
+                    num_images = gr.Number(label="Images", value=1, precision=0, elem_id="sd15-num-images")
                 with gr.Row():
                     fields.slot("width")
                     fields.slot("height")
-                with gr.Row():
-                    scheduler = gr.Dropdown(label="Scheduler", elem_id="sd15-scheduler")
-                    num_images = gr.Number(label="Images", value=1, precision=0, elem_id="sd15-num-images")
-                with gr.Row():
-                    fields.slot("scheduler")
                     fields.slot("num_images")
-                with gr.Row():
-                    seed = gr.Number(label="Seed (empty = random)", value=None, precision=0, elem_id="sd15-seed")
-                    reuse = gr.Button("Reuse seed", elem_id="sd15-reuse-seed", scale=0)
+                seed = gr.Textbox(label="Seed", placeholder="random", elem_id="sd15-seed")
                 fields.slot("seed")
                 with gr.Accordion("img2img / inpainting", open=False, elem_id="sd15-img2img"):
                     editor = gr.ImageEditor(
                         label="Start image (img2img); paint over it to inpaint (painted = repaint)",
                         type="pil", sources=["upload", "clipboard"], layers=False, transforms=(),
-                        brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"), eraser=gr.Eraser(),
+                        brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=4), eraser=gr.Eraser(),
                         elem_id="sd15-editor", height=360)
                     fields.slot("image")
                     fields.slot("mask")
-                    strength = gr.Number(label="Strength (empty = 0.75 img2img, 1.0 inpainting)", value=None,
-                                         elem_id="sd15-strength")
+                    strength = gr.Textbox(label="Strength", placeholder="0.75 img2img, 1.0 inpainting",
+                                          elem_id="sd15-strength")
                     fields.slot("strength")
                 run = gr.Button("Generate", variant="primary", elem_id="sd15-run")
                 fields.status_line()
-            with gr.Column(scale=2):
+            with gr.Column(scale=1):
                 info = gr.Markdown(elem_id="sd15-info")
-                seed_used = gr.Number(label="Seed used", interactive=False, precision=0, elem_id="sd15-seed-used")
-                gallery = gr.Gallery(label="Images", columns=4, format="png", object_fit="contain",
-                                     elem_id="sd15-gallery", elem_classes="pixelated", height=420)
+                with gr.Row(equal_height=True):
+                    seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id="sd15-seed-used", scale=3)
+                    reuse = gr.Button("Reuse seed", elem_id="sd15-reuse-seed", scale=1)
+                gallery = gr.Gallery(label="Images", columns=2, format="png", object_fit="contain",
+                                     elem_id="sd15-gallery", elem_classes="pixelated", height=400)
 
     def load():
         meta = request_schema(client, MODEL)
@@ -84,8 +82,8 @@ def build(demo: gr.Blocks, client: TorchServeClient) -> None:
             scheduler: gr.update(choices=meta.get("schedulers", []), value=schema["properties"]["scheduler"]["default"]),
             steps: gr.update(info=schema_hint(schema, "steps")),
             guidance: gr.update(info=schema_hint(schema, "guidance_scale")),
-            width: gr.update(info=f"{schema_hint(schema, 'width')}; native {meta.get('native_size')}"),
-            height: gr.update(info=schema_hint(schema, "height")),
+            width: gr.update(info=schema_hint(schema, "width"), placeholder=f"native ({meta.get('native_size')})"),
+            height: gr.update(info=schema_hint(schema, "height"), placeholder=f"native ({meta.get('native_size')})"),
             num_images: gr.update(info=schema_hint(schema, "num_images")),
             strength: gr.update(info=schema_hint(schema, "strength")),
         }
@@ -94,17 +92,18 @@ def build(demo: gr.Blocks, client: TorchServeClient) -> None:
                  editor_, strength_):
         image, mask = start_image_and_mask(editor_)
         payload = {"prompt": prompt_, "negative_prompt": negative_, "steps": steps_, "guidance_scale": guidance_,
-                   "width": width_, "height": height_, "scheduler": scheduler_, "num_images": num_images_,
-                   "seed": seed_, "image": image and b64_png(image), "mask": mask and b64_png(mask),
-                   "strength": strength_}
+                   "width": optional_number(width_, "width"), "height": optional_number(height_, "height"),
+                   "scheduler": scheduler_, "num_images": num_images_, "seed": optional_number(seed_, "seed"),
+                   "image": image and b64_png(image), "mask": mask and b64_png(mask),
+                   "strength": optional_number(strength_, "strength", float)}
         payload = {k: v for k, v in payload.items() if v is not None}
-        yield {fields.status: f"generating {steps_} steps ..."}
+        yield {info: f"generating {steps_} steps ..."}
         result = client.predict(MODEL, payload)
         strength_text = f", strength {result['strength']}" if result.get("strength") is not None else ""
         warnings = "".join(f"\n\n⚠ {w}" for w in result.get("warnings", []))
         yield {
             gallery: [png(b) for b in result["images"] if b is not None],
-            seed_used: result["seed"],
+            seed_used: str(result["seed"]),
             info: (f"**{result['mode']}** · seed **{result['seed']}** · {result['steps']} steps · "
                    f"{result['scheduler']} · guidance {result['guidance_scale']} · "
                    f"{result['width']}x{result['height']}{strength_text}{warnings}"),
