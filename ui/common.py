@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Callable, Iterator
+from typing import Callable, Generator, Iterator
 
 import gradio as gr
 import requests
@@ -84,6 +84,22 @@ class Fields:
             except (FieldError, ServerError, requests.RequestException) as exc:
                 yield self.failure(exc)
         return run
+
+
+def streamed(client: TorchServeClient, model: str, payload: dict, progress: gr.Markdown,
+             previews: gr.Gallery) -> Generator[dict, None, dict]:
+    """Runs `payload` as a streaming request (`"stream": true`): yields updates of the progress
+    line (step, elapsed, the server's ETA) and of the gallery (the previews) as the events
+    arrive; returns the final response (use with `yield from`). Errors raise ServerError."""
+    for event in client.stream(model, payload):
+        kind = event["event"]
+        if kind == "progress":
+            eta = "" if event["eta_s"] is None else f" · ETA {event['eta_s']:.1f} s"
+            yield {progress: f"step {event['step']}/{event['total']} · {event['elapsed_s']:.1f} s{eta}"}
+        elif kind == "preview":
+            yield {previews: [png(b) for b in event["images"]]}
+        elif kind == "result":
+            return event["response"]
 
 
 def png(data: str | None) -> Image.Image | None:

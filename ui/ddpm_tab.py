@@ -1,5 +1,6 @@
-"""DDPM sampler tab: scheduler, steps, eta, seed and number of images in; a grid of samples and
-the trajectory animation (x0 estimates of the first image) out."""
+"""DDPM sampler tab: scheduler, steps, eta, seed and number of images in; live progress and x0
+previews from the streaming API, then a grid of samples and the trajectory animation (x0
+estimates of the first image)."""
 from __future__ import annotations
 
 import base64
@@ -10,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 
 from clients.api import TorchServeClient
-from ui.common import Fields, optional_number, png, request_schema, schema_hint
+from ui.common import Fields, optional_number, png, request_schema, schema_hint, streamed
 
 MODEL = "ddpm"
 # The GIFs handed to Gradio (it copies them into its cache); removed when the app exits.
@@ -58,7 +59,7 @@ def build(demo: gr.Blocks, client: TorchServeClient) -> None:
                    "num_images": num_images_, "trajectory": trajectory_}
         payload = {k: v for k, v in payload.items() if v is not None}
         yield {info: f"sampling {steps_} steps ..."}
-        result = client.predict(MODEL, payload)
+        result = yield from streamed(client, MODEL, payload, info, gallery)
         gif = None
         if result.get("trajectory"):
             gif = Path(_GIFS.name) / f"trajectory-{uuid.uuid4().hex}.gif"

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from clients.api import TorchServeClient
-from ui.common import Fields, b64_png, optional_number, png, request_schema, schema_hint
+from ui.common import Fields, b64_png, optional_number, png, request_schema, schema_hint, streamed
 
 MODEL = "sd15"
 
@@ -98,7 +98,7 @@ def build(demo: gr.Blocks, client: TorchServeClient) -> None:
                    "strength": optional_number(strength_, "strength", float)}
         payload = {k: v for k, v in payload.items() if v is not None}
         yield {info: f"generating {steps_} steps ..."}
-        result = client.predict(MODEL, payload)
+        result = yield from streamed(client, MODEL, payload, info, gallery)
         strength_text = f", strength {result['strength']}" if result.get("strength") is not None else ""
         warnings = "".join(f"\n\n⚠ {w}" for w in result.get("warnings", []))
         yield {

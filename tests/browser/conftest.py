@@ -131,8 +131,8 @@ class Page:
         at once with the message when the tab's status line reports an error instead."""
         # An element that is not on the page yet (a hidden column) will be new when it appears.
         self.driver.execute_script(
-            "const el = document.getElementById(arguments[0]); window.changed = !el;"
-            "if (el) new MutationObserver(() => { window.changed = true; })"
+            "const el = document.getElementById(arguments[0]); window.changed = !el; window.seen = [];"
+            "if (el) new MutationObserver(() => { window.changed = true; window.seen.push(el.innerText); })"
             ".observe(el, {subtree: true, childList: true, characterData: true});", result_id)
         self.click(button_id)
         status = f"{tab}-status"
@@ -140,6 +140,10 @@ class Page:
                    or (self.driver.execute_script("return window.changed") and predicate(self.text(result_id))))
         assert not self.text(status).startswith("⚠"), self.text(status)
         return self.text(result_id)
+
+    def seen(self) -> list[str]:
+        """Every text the result element of the last run() showed (live progress included)."""
+        return [" ".join(text.split()) for text in self.driver.execute_script("return window.seen")]
 
     def el(self, elem_id: str, css: str = ""):
         """The element `elem_id`, or the first of its descendants matching `css` ("a, b" allowed)."""

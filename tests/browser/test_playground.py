@@ -79,6 +79,7 @@ def test_sd_prompt_then_reuse_seed_gives_the_same_image(page):
     page.fill("sd15-steps", 10)
     page.run("sd15-run", "sd15-info", lambda text: text.startswith("txt2img"), "sd15")
     page.screenshot("sd15")
+    assert any(text.startswith("step ") and " ETA " in text for text in page.seen())  # live progress, streamed
     seed = page.el("sd15-seed-used", "textarea, input").get_attribute("value")
     (first,) = page.images("sd15-gallery")
     assert first.size == (64, 64)
