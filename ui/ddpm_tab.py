@@ -39,7 +39,7 @@ def build(demo: gr.Blocks, client: TorchServeClient) -> None:
             with gr.Column(scale=2):
                 info = gr.Markdown(elem_id="ddpm-info")
                 gallery = gr.Gallery(label="Samples", columns=8, format="png", object_fit="contain",
-                                     elem_id="ddpm-gallery", elem_classes="pixelated", height=300)
+                                     elem_id="ddpm-gallery", elem_classes="pixelated", height="auto", preview=False)
                 animation = gr.Image(label="Trajectory (x0 estimates of the first image)", interactive=False,
                                      elem_id="ddpm-trajectory-gif", elem_classes="pixelated", height=200)
 

@@ -73,7 +73,7 @@ def build(demo: gr.Blocks, client: TorchServeClient) -> None:
                     seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id="sd15-seed-used", scale=3)
                     reuse = gr.Button("Reuse seed", elem_id="sd15-reuse-seed", scale=1)
                 gallery = gr.Gallery(label="Images", columns=2, format="png", object_fit="contain",
-                                     elem_id="sd15-gallery", elem_classes="pixelated", height=400)
+                                     elem_id="sd15-gallery", elem_classes="pixelated", height="auto", preview=False)
 
     def load():
         meta = request_schema(client, MODEL)

@@ -170,7 +170,8 @@ class Page:
         button.click()
 
     def upload(self, elem_id: str, path: Path) -> None:
-        self.el(elem_id, "input[type=file]").send_keys(str(path))
+        selector = f"#{elem_id} input[type=file]"
+        self.until(lambda: self.driver.find_elements(By.CSS_SELECTOR, selector), timeout=20)[0].send_keys(str(path))
 
     def images(self, elem_id: str) -> list[Image.Image]:
         """The images an output component shows, fetched as the browser fetches them."""
@@ -179,9 +180,12 @@ class Page:
 
     def screenshot(self, name: str) -> Path:
         SHOTS.mkdir(parents=True, exist_ok=True)
-        self.driver.execute_script("window.scrollTo(0, 0)")
         path = SHOTS / f"{name}.png"
+        size = self.driver.get_window_size()
+        height = self.driver.execute_script("return document.documentElement.scrollHeight")
+        self.driver.set_window_size(size["width"], max(size["height"], height + 120))  # the whole page
         self.driver.save_screenshot(str(path))
+        self.driver.set_window_size(size["width"], size["height"])
         return path
 
 

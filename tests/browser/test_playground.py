@@ -98,14 +98,17 @@ def test_inpainting_mask_drawn_in_the_page_is_sent(page, tmp_path):
     page.tab("Stable Diffusion")
     page.fill("sd15-prompt", "a blue handwritten 1")
     page.fill("sd15-steps", 10)
-    page.el("sd15-img2img", "button, .label-wrap").click()  # opens the accordion
+    page.click("sd15-img2img")  # opens the accordion
     page.upload("sd15-editor", path)
     canvas = page.until(lambda: page.driver.find_elements(By.CSS_SELECTOR, "#sd15-editor canvas"))[-1]
     page.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
-    stroke = ActionChains(page.driver).move_to_element_with_offset(canvas, -40, -60).click_and_hold()
-    for _ in range(12):
-        stroke.move_by_offset(0, 10)
-    stroke.release().perform()
+    stroke = ActionChains(page.driver)
+    for x in range(-60, 61, 20):  # vertical strokes side by side: most of the digit is repainted
+        stroke.move_to_element_with_offset(canvas, x, -100).click_and_hold()
+        for _ in range(20):
+            stroke.move_by_offset(0, 10)
+        stroke.release()
+    stroke.perform()
     info = page.run("sd15-run", "sd15-info", lambda text: text.startswith(("inpaint", "img2img")), "sd15")
     page.screenshot("sd15-inpaint")
     assert info.startswith("inpaint") and "64x64" in info
