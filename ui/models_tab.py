@@ -71,8 +71,11 @@ def build(demo: gr.Blocks, client: TorchServeClient) -> None:
         yield {**state(name), fields.status: f"{name} is now the default version of {model}"}
 
     outputs = [table, chosen, schema, *fields.outputs]
-    demo.load(fields.guarded(show), inputs=chosen, outputs=outputs)
-    refresh.click(fields.guarded(show), inputs=chosen, outputs=outputs)
-    chosen.input(fields.guarded(show), inputs=chosen, outputs=outputs)
-    scale.click(fields.guarded(scale_workers), inputs=[chosen, min_workers, max_workers], outputs=outputs)
-    default.click(fields.guarded(set_default), inputs=chosen, outputs=outputs)
+    # One queue for the tab's events, run in the order they were sent: a choice followed at once by
+    # a click must not have the choice's refresh (which clears the status line) land after the click's.
+    serial = {"concurrency_id": "models", "concurrency_limit": 1}
+    demo.load(fields.guarded(show), inputs=chosen, outputs=outputs, **serial)
+    refresh.click(fields.guarded(show), inputs=chosen, outputs=outputs, **serial)
+    chosen.input(fields.guarded(show), inputs=chosen, outputs=outputs, **serial)
+    scale.click(fields.guarded(scale_workers), inputs=[chosen, min_workers, max_workers], outputs=outputs, **serial)
+    default.click(fields.guarded(set_default), inputs=chosen, outputs=outputs, **serial)

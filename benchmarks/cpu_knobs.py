@@ -1,0 +1,178 @@
+"""CPU speed knobs, measured on the demo models in-process: torch.compile, channels_last, bf16
+autocast, and for cam int8 post-training quantisation (torch.ao FX graph mode, the x86 backend
+here, qnnpack on arm64). A knob becomes a config default only where it is >= 1.15x faster with no
+quality loss.
+
+    python -m benchmarks.cpu_knobs   -> benchmarks/results/cpu-knobs.{json,md}
+
+What is timed: cam, the classifier forward on a batch of 8 preprocessed held-out digits (the
+work of its default `gradcam` path); ddpm, one UNet call on 8 images; sd15, one guided UNet call
+(batch 2) on 64x64 latents (512x512 for SD1.5's layout). Each variant is timed in alternating
+rounds against the fp32 baseline; a figure is the median of per-round speedups. Quality: cam
+top-1 accuracy on 500 held-out digits per variant; ddpm / sd15 the largest relative error of the
+UNet output against fp32 (a bf16 / compiled output that drifts is a quality change).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from handlers.cam import CamHandler
+from handlers.cam_model import preprocess, read_config
+from handlers.ddpm import DdpmHandler
+from handlers.sd15 import Sd15Handler
+from harness.inprocess import demo_weights, load_handler, unpack
+from weights import digits
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROUNDS = 7
+CALLS = 5  # calls per timing
+SPEEDUP_TO_ADOPT = 1.15
+
+
+def seconds(fn) -> float:
+    start = time.perf_counter()
+    for _ in range(CALLS):
+        fn()
+    return (time.perf_counter() - start) / CALLS
+
+
+def speedups(variants: dict) -> dict:
+    """{name: median per-round speedup over `baseline`}; each variant is called once untimed first
+    (torch.compile compiles then; its compile time is reported apart)."""
+    compile_s = {}
+    for name, fn in variants.items():
+        start = time.perf_counter()
+        fn()
+        compile_s[name] = time.perf_counter() - start
+    rounds = {name: [] for name in variants}
+    for _ in range(ROUNDS):
+        base = seconds(variants["baseline"])
+        for name, fn in variants.items():
+            rounds[name].append(base / seconds(fn) if name != "baseline" else 1.0)
+    return {name: round(statistics.median(r), 3) for name, r in rounds.items()}, compile_s
+
+
+def loaded(cls, model: str):
+    tmp = Path(tempfile.mkdtemp(prefix=f"knobs_{model}_")) / model
+    handler, _ = load_handler(cls, model, unpack(tmp, model, demo_weights(model), "cpu"), "cpu")
+    return handler
+
+
+def autocast(fn):
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn()
+    return run
+
+
+def cam_knobs() -> dict:
+    handler = loaded(CamHandler, "cam")
+    images, labels = digits.load_arrays()
+    _, test = digits.split_indices()
+    prep = preprocess(read_config(demo_weights("cam")))
+    held_out = torch.stack([prep(digits.to_pil(images[i], 64)) for i in test[:500]])
+    truth = torch.as_tensor(labels[test[:500]])
+    batch = held_out[:8]
+    model = handler.model.eval()
+    cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    compiled = torch.compile(copy.deepcopy(model))
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+    engine = "qnnpack" if os.uname().machine == "aarch64" else "x86"
+    torch.backends.quantized.engine = engine
+    prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping(engine), example_inputs=(batch,))
+    with torch.inference_mode():
+        for i in range(0, 200, 50):  # calibration: 200 held-out digits (the rest judge accuracy)
+            prepared(held_out[i:i + 50])
+    int8 = convert_fx(prepared)
+    forwards = {
+        "baseline": lambda x: model(x),
+        "channels_last": lambda x: cl_model(x.contiguous(memory_format=torch.channels_last)),
+        "bf16_autocast": lambda x: autocast(lambda: model(x))().float(),
+        "torch_compile": lambda x: compiled(x),
+        f"int8_{engine}": lambda x: int8(x),
+    }
+    with torch.inference_mode():
+        speed, compile_s = speedups({k: (lambda f=f: f(batch)) for k, f in forwards.items()})
+        accuracy = {k: round(float((f(held_out[200:]).argmax(1) == truth[200:]).float().mean()), 4)
+                    for k, f in forwards.items()}
+    return {"speedup": speed, "quality": accuracy, "quality_metric": "top-1 accuracy, 300 held-out digits",
+            "first_call_s": {k: round(v, 2) for k, v in compile_s.items()}}
+
+
+def diffusion_knobs(unet: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
+    cl_unet = copy.deepcopy(unet).to(memory_format=torch.channels_last)
+    compiled = torch.compile(copy.deepcopy(unet))
+    cl_args = tuple(a.contiguous(memory_format=torch.channels_last) if a.dim() == 4 else a for a in args)
+    calls = {
+        "baseline": lambda: unet(*args, **kwargs).sample,
+        "channels_last": lambda: cl_unet(*cl_args, **kwargs).sample,
+        "bf16_autocast": lambda: autocast(lambda: unet(*args, **kwargs).sample)().float(),
+        "torch_compile": lambda: compiled(*args, **kwargs).sample,
+    }
+    with torch.inference_mode():
+        speed, compile_s = speedups(calls)
+        reference = calls["baseline"]()
+        error = {k: round(float((f() - reference).abs().max() / reference.abs().max()), 5) for k, f in calls.items()}
+    return {"speedup": speed, "quality": error, "quality_metric": "max |output - fp32| / max |fp32|",
+            "first_call_s": {k: round(v, 2) for k, v in compile_s.items()}}
+
+
+def ddpm_knobs() -> dict:
+    handler = loaded(DdpmHandler, "ddpm")
+    x = torch.randn((8, *handler.shape), generator=torch.Generator().manual_seed(0))
+    return diffusion_knobs(handler.unet.eval(), (x, torch.full((8,), 500)), {})
+
+
+def sd15_knobs() -> dict:
+    handler = loaded(Sd15Handler, "sd15")
+    unet = handler.pipes["txt2img"].unet.eval()
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn((2, unet.config.in_channels, 64, 64), generator=gen)
+    text = torch.randn((2, handler.tokenizer.model_max_length, unet.config.cross_attention_dim), generator=gen)
+    return diffusion_knobs(unet, (latents, torch.tensor(500)), {"encoder_hidden_states": text})
+
+
+def report(results: dict) -> str:
+    lines = ["# CPU speed knobs", "",
+             f"Measured {results['date']} on {results['machine']} ({results['threads']} torch threads, load average "
+             f"{results['load_average'][0]} -> {results['load_average'][1]}), demo models in-process; speedup = fp32 "
+             f"baseline time / variant time, median of {ROUNDS} alternating rounds. Adopted as a config default only "
+             f"at >= {SPEEDUP_TO_ADOPT}x with no quality loss (`python -m benchmarks.cpu_knobs`).", ""]
+    for model in ("cam", "ddpm", "sd15"):
+        r = results[model]
+        lines += [f"## {model}", "", f"| variant | speedup | {r['quality_metric']} | first call (s) | adopted |",
+                  "|---|---|---|---|---|"]
+        base_q = r["quality"]["baseline"]
+        for name, s in r["speedup"].items():
+            q = r["quality"][name]
+            same = q >= base_q - 0.005 if model == "cam" else q <= 1e-3
+            adopt = name != "baseline" and s >= SPEEDUP_TO_ADOPT and same
+            lines.append(f"| {name} | {s} | {q} | {r['first_call_s'][name]} | {'yes' if adopt else 'no'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    load_before = os.getloadavg()[0]
+    torch.set_num_threads(int(os.environ.get("KNOB_THREADS", "1")))
+    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": os.uname().machine,
+               "threads": torch.get_num_threads(), "cam": cam_knobs(), "ddpm": ddpm_knobs(), "sd15": sd15_knobs()}
+    results["load_average"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "cpu-knobs.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / "cpu-knobs.md").write_text(report(results))
+    print(report(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
