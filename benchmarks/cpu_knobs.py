@@ -3,7 +3,7 @@ autocast, and for cam int8 post-training quantisation (torch.ao FX graph mode, t
 here, qnnpack on arm64). A knob becomes a config default only where it is >= 1.15x faster with no
 quality loss.
 
-    python -m benchmarks.cpu_knobs   -> benchmarks/results/cpu-knobs.{json,md}
+    python -m benchmarks.cpu_knobs [--report]   -> benchmarks/results/cpu-knobs.{json,md}
 
 What is timed: cam, the classifier forward on a batch of 8 preprocessed held-out digits (the
 work of its default `gradcam` path); ddpm, one UNet call on 8 images; sd15, one guided UNet call
@@ -149,30 +149,42 @@ def report(results: dict) -> str:
              f"at >= {SPEEDUP_TO_ADOPT}x with no quality loss (`python -m benchmarks.cpu_knobs`).", ""]
     for model in ("cam", "ddpm", "sd15"):
         r = results[model]
-        lines += [f"## {model}", "", f"| variant | speedup | {r['quality_metric']} | first call (s) | adopted |",
+        lines += [f"## {model}", "", f"| variant | speedup | {r['quality_metric']} | first call (s) | meets the bar |",
                   "|---|---|---|---|---|"]
         base_q = r["quality"]["baseline"]
         for name, s in r["speedup"].items():
             q = r["quality"][name]
             same = q >= base_q - 0.005 if model == "cam" else q <= 1e-3
-            adopt = name != "baseline" and s >= SPEEDUP_TO_ADOPT and same
-            lines.append(f"| {name} | {s} | {q} | {r['first_call_s'][name]} | {'yes' if adopt else 'no'} |")
+            meets = name != "baseline" and s >= SPEEDUP_TO_ADOPT and same
+            lines.append(f"| {name} | {s} | {q} | {r['first_call_s'][name]} | {'yes' if meets else 'no'} |")
         lines.append("")
+    lines += ["Meeting the bar is not yet adoption: torch.compile's first call is paid again for every new",
+              "input shape (TorchServe batches vary in size), and cam's int8 / bf16 paths must also keep its",
+              "CAM maps within the contract (tests/support/cam_contract.py), not only its top-1. See README,",
+              "\"CPU speed knobs\", for what each config uses.", ""]
     return "\n".join(lines)
 
 
-def main() -> int:
+def measure() -> dict:
     load_before = os.getloadavg()[0]
     torch.set_num_threads(int(os.environ.get("KNOB_THREADS", "1")))
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": os.uname().machine,
                "threads": torch.get_num_threads(), "cam": cam_knobs(), "ddpm": ddpm_knobs(), "sd15": sd15_knobs()}
     results["load_average"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
+    return results
+
+
+def main(argv: list[str]) -> int:
+    """`--report` rewrites the .md from the last .json without measuring again."""
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cpu-knobs.json").write_text(json.dumps(results, indent=2) + "\n")
+    path = RESULTS / "cpu-knobs.json"
+    results = json.loads(path.read_text()) if argv == ["--report"] else measure()
+    path.write_text(json.dumps(results, indent=2) + "\n")
     (RESULTS / "cpu-knobs.md").write_text(report(results))
     print(report(results))
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import sys
+    raise SystemExit(main(sys.argv[1:]))
