@@ -87,8 +87,8 @@ test-arm64: weights
 	./archive.sh --profile demo --target arm64 --store model_store/arm64
 	@if [ -n "$(strip $(ARM64_UNIT))" ]; then \
 	  echo "[arm64] unit tests on aarch64: $(ARM64_UNIT)"; \
-	  QEMU_LD_PREFIX=$(ARM64_ROOT) $(ARM64_ROOT)/opt/venv/bin/python -c 'import platform; print("[arm64] pytest runs on", platform.machine())' && \
-	  QEMU_LD_PREFIX=$(ARM64_ROOT) $(ARM64_ROOT)/opt/venv/bin/python -m pytest -q -p no:cacheprovider $(ARM64_UNIT); fi
+	  ARM64_ROOT=$(ARM64_ROOT) $(PY) -m harness.arm64 -c 'import platform; print("[arm64] pytest runs on", platform.machine())' && \
+	  ARM64_ROOT=$(ARM64_ROOT) $(PY) -m harness.arm64 -m pytest -q -p no:cacheprovider $(ARM64_UNIT); fi
 	@echo "[arm64] TorchServe with aarch64 workers: served checks, x86 vs aarch64, worker memory"
 	ARM64_ROOT=$(ARM64_ROOT) $(PY) -m pytest tests/arm64 -v -s -p no:cacheprovider
 
