@@ -2,6 +2,7 @@
 PROFILE ?= demo
 TARGET ?= cpu
 PY := .venv/bin/python
+UI_PY := .venv-ui/bin/python
 export HF_HUB_OFFLINE ?= 1
 export PYTHONPATH := $(CURDIR)
 # Targets are discovered: every model_configs/<model>/<target>.yaml (archive.sh checks TARGET).
@@ -10,7 +11,7 @@ TARGETS := $(sort $(basename $(notdir $(wildcard model_configs/*/*.yaml))))
 # --ts-config, so recipes (tests, benchmarks: private servers with their own config) never see it.
 unexport TS_CONFIG_FILE
 
-.PHONY: help setup weights archive kserve quality start stop demo test test-unit test-integration test-arm64 bench reliability compare clean
+.PHONY: help setup weights archive kserve quality start stop ui browser demo test test-unit test-integration test-arm64 bench reliability compare clean
 
 help:
 	@echo "make setup                    create .venv with the pinned requirements (checks Java 17)"
@@ -18,8 +19,9 @@ help:
 	@echo "make archive  [PROFILE=..] [TARGET=$(subst $(eval) ,|,$(TARGETS))]   build .mar archives into model_store/"
 	@echo "make kserve   [PROFILE=..] [TARGET=..]   KServe storage layout -> outputs/kserve/<target>/ (docs/SCALING.md)"
 	@echo "make start / make stop        run TorchServe with config.properties (waits until READY)"
+	@echo "make ui [UI_ARGS=...]         web playground on http://127.0.0.1:7860 (starts TorchServe if none answers)"
 	@echo "make demo                     everything on a fresh machine; outputs in outputs/"
-	@echo "make test                     unit + integration tests (offline, starts its own TorchServe)"
+	@echo "make test                     unit + integration + browser tests (offline, starts its own TorchServe)"
 	@echo "make test-arm64 [ARM64_UNIT=..]   the arm64 archives on aarch64 (qemu; needs root + apt): unit, served, x86 vs aarch64"
 	@echo "make bench                    benchmarks -> benchmarks/results/latest.{json,md}, then make quality"
 	@echo "make quality                  sd15 demo model judged by the cam classifier -> benchmarks/results/sd15-quality.*"
@@ -63,10 +65,29 @@ start: setup
 stop:
 	-.venv/bin/torchserve --stop
 
+# The web playground's own venv: gradio's dependencies must not move the pins of requirements.txt.
+.venv-ui/.installed: requirements-ui.txt
+	@[ -x $(UI_PY) ] || python3 -m venv .venv-ui
+	.venv-ui/bin/pip install --disable-pip-version-check -q -r requirements-ui.txt
+	@touch $@
+
+# Gradio app (ui/app.py) on 127.0.0.1:7860; UI_ARGS="--host 0.0.0.0 --auth user:password" etc.
+# When no TorchServe answers, one is started as `make start` does; it keeps running (make stop).
+ui: archive .venv-ui/.installed
+	@$(PY) -m clients.manage list >/dev/null 2>&1 || $(MAKE) --no-print-directory start
+	$(UI_PY) -m ui.app $(UI_ARGS)
+
+# Debian's headless chromium and its driver, for the browser tests (tests/browser).
+browser:
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+	  command -v apt-get >/dev/null 2>&1 || { echo "the browser tests need chromium and chromedriver: install them"; exit 1; }; \
+	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium chromium-driver; }
+
 demo: archive
 	$(PY) -m clients.demo
 
-test: archive
+test: archive .venv-ui/.installed browser
 	$(PY) -m pytest tests -q
 
 test-unit: weights

@@ -2,14 +2,15 @@
 # Builds TorchServe archives (.mar) of the project's models into model_store/.
 #
 #   ./archive.sh [--profile demo|pretrained] [--target T] [--version V]
-#                [--name NAME] [--weights DIR] [--store DIR] [--force] [MODEL...]
+#                [--name NAME] [--weights DIR] [--store DIR] [--handler FILE] [--force] [MODEL...]
 #
 # MODEL is one of the handlers in handlers/ (cam, ddpm, sd15); none named = every model that
 # has weights for the profile. T (default cpu): any name with model_configs/<model>/T.yaml for
 # every model built (MODEL_CONFIGS=DIR reads the configs from DIR instead).
 # --version other than 1.0 writes <name>-<version>.mar. Weights come from
 # weights/<profile>/<model>/ unless --weights (one model only) or <MODEL>_WEIGHTS
-# (e.g. SD15_WEIGHTS=/data/sd15) points elsewhere.
+# (e.g. SD15_WEIGHTS=/data/sd15) points elsewhere. --handler FILE (one model only) archives
+# FILE as the entry point instead of handlers/MODEL.py, e.g. a test double that subclasses it.
 # The archive is built in a temp dir and moved into place, so a failed run never leaves a
 # half-written archive; an unchanged input set is detected by a fingerprint and skipped.
 set -euo pipefail
@@ -22,6 +23,7 @@ store="${MODEL_STORE:-$here/model_store}"
 configs="${MODEL_CONFIGS:-$here/model_configs}"
 name=""
 weights_override=""
+handler_override=""
 force=0
 models=()
 
@@ -35,6 +37,7 @@ while [ $# -gt 0 ]; do
     --name) name="${2:?--name needs a value}"; shift 2 ;;
     --weights) weights_override="${2:?--weights needs a value}"; shift 2 ;;
     --store) store="${2:?--store needs a value}"; shift 2 ;;
+    --handler) handler_override="${2:?--handler needs a value}"; shift 2 ;;
     --force) force=1; shift ;;
     -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1 {sub(/^# ?/, ""); print}' "$0"; exit 0 ;;
     -*) die "unknown option $1 (see --help)" ;;
@@ -71,6 +74,8 @@ if [ ${#models[@]} -eq 0 ]; then
 fi
 [ -z "$weights_override" ] || [ ${#models[@]} -eq 1 ] || die "--weights applies to one model at a time"
 [ -z "$name" ] || [ ${#models[@]} -eq 1 ] || die "--name applies to one model at a time"
+[ -z "$handler_override" ] || [ ${#models[@]} -eq 1 ] || die "--handler applies to one model at a time"
+[ -z "$handler_override" ] || [ -f "$handler_override" ] || die "handler file not found: $handler_override"
 for m in "${models[@]}"; do
   [[ " ${known[*]} " == *" $m "* ]] || die "unknown model '$m' (known: ${known[*]})"
 done
@@ -91,6 +96,7 @@ fingerprint() {  # every input that changes the archive: handler code, config, w
   {
     echo "$profile $target $version $3 $4"
     (cd "$here" && sha256sum handlers/*.py)
+    [ -z "$handler_override" ] || sha256sum "$handler_override"
     (cd "$configs" && sha256sum "$m/$target.yaml")
     # Size + mtime of each weights file: cheap for multi-GB weights, still catches rebuilds.
     (cd "$wdir" && find -L . -type f -printf '%p %s %T@\n' | LC_ALL=C sort)
@@ -129,7 +135,7 @@ for m in "${models[@]}"; do
   echo "archive.sh: building $mname ($m, profile $profile, target $target, version $version, format $format) from $wdir"
   start=$(date +%s.%N)
   TMPDIR="$work/tmp" "$archiver" --model-name "$mname" --version "$version" \
-    --handler "$here/handlers/$m.py" --extra-files "$work/extra" \
+    --handler "${handler_override:-$here/handlers/$m.py}" --extra-files "$work/extra" \
     --config-file "$config" --archive-format "$format" --export-path "$work/out" \
     || die "torch-model-archiver failed for $mname"
   built="$work/out/$mname"; [ "$format" = "no-archive" ] || built="$built.mar"

@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# benchmarks/bench_<name>.py; limits: cpu speed figures; ddpm_workload: static vs step-level batching
-MODELS = ("cam", "ddpm", "ddpm_workload", "sd15", "limits")
+# benchmarks/bench_<name>.py; limits: speed estimates; ddpm_workload: static vs step-level batching;
+# streaming: what NDJSON progress and previews cost
+MODELS = ("cam", "ddpm", "ddpm_workload", "sd15", "limits", "streaming")
 
 
 def write_report(results: dict) -> Path:

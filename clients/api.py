@@ -3,6 +3,7 @@
 It reads TorchServe's `key_file.json` and sends the right Bearer token to each API, retries
 503s (model still loading / worker restarting) with backoff, and on a refused token re-reads
 the key file once (the server may have rotated the keys) before giving up with a clear error.
+`stream()` iterates the NDJSON events of a streaming request (README, "Streaming progress").
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -33,6 +34,13 @@ class ServerError(RuntimeError):
         msg = body.get("error") or body.get("message") if isinstance(body, dict) else str(body)[:300]
         field = f" (field '{body['field']}')" if isinstance(body, dict) and body.get("field") else ""
         super().__init__(f"HTTP {status} from {url}: {msg}{field}")
+
+
+class StreamBroken(ServerError):
+    """A stream that ended without its result: the worker died or the connection was cut."""
+
+    def __init__(self, reason: str, url: str):
+        super().__init__(502, {"error": f"the stream ended before its result ({reason})"}, url)
 
 
 def _decode(resp: requests.Response) -> Any:
@@ -150,6 +158,34 @@ class TorchServeClient:
         if resp.status_code >= 400:
             raise ServerError(resp.status_code, body, resp.url)
         return body
+
+    def stream(self, model: str, payload: dict, version: str | None = None) -> Iterator[dict]:
+        """Sends `payload` with `"stream": true` and yields its events as they arrive: `progress`
+        ({step, total, elapsed_s, eta_s}), `preview` ({step, total, images}) and last `result`,
+        whose `response` is what predict() returns. An error before the stream starts (400, 503)
+        or an `error` event raises ServerError; a stream cut short raises StreamBroken. The client's
+        timeout applies between two events, as TorchServe's responseTimeout does."""
+        url = f"{self.inference_url}/predictions/{self._path(model, version)}"
+        resp = self._request("inference", "POST", url, json={**payload, "stream": True}, stream=True)
+        with resp:
+            if resp.status_code >= 400:
+                raise ServerError(resp.status_code, _decode(resp), url)
+            if not resp.headers.get("content-type", "").startswith("application/x-ndjson"):
+                raise ServerError(resp.status_code, {"error": "expected an NDJSON stream, got "
+                                                     f"{resp.headers.get('content-type')!r}"}, url)
+            try:
+                for line in resp.iter_lines(chunk_size=None):  # None: each chunk as it arrives
+                    if not line:
+                        continue
+                    event = json.loads(line)
+                    if event.get("event") == "error":
+                        raise ServerError(int(event.get("status") or 500), event, url)
+                    yield event
+                    if event.get("event") == "result":
+                        return
+            except requests.RequestException as exc:
+                raise StreamBroken(type(exc).__name__, url) from exc
+            raise StreamBroken("connection closed", url)
 
     # management API -----------------------------------------------------------------------
     def list_models(self) -> list[dict]:

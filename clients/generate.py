@@ -15,15 +15,17 @@ from pathlib import Path
 
 from clients.api import ServerError, TorchServeClient, encode_file, save_b64_png
 from clients.options import add_server_options, client_from
-from clients.sample import with_progress
+from clients.progress import streamed
 
 
-def generate(client: TorchServeClient, prompt: str, out: Path, name: str, **params) -> dict:
+def generate(client: TorchServeClient, prompt: str, out: Path, name: str, preview_dir: Path | None = None,
+             **params) -> dict:
+    """Streams the request (a step bar; previews saved in `preview_dir` when given)."""
     payload = {"prompt": prompt, **{k: v for k, v in params.items() if v is not None}}
     for key in ("image", "mask"):
         if payload.get(key) is not None:
             payload[key] = encode_file(payload[key])
-    result = with_progress(f"generating ({payload.get('steps', 25)} steps)", lambda: client.predict("sd15", payload))
+    result = streamed(client, "sd15", payload, f"generating {name}", preview_dir=preview_dir)
     paths = [save_b64_png(b, out / f"{name}-{result['seed']}-{i}.png")
              for i, b in enumerate(result["images"]) if b is not None]
     for warning in result.get("warnings", []):
@@ -92,10 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strength", type=float, help="img2img: how much to change the image, (0, 1]")
     parser.add_argument("--mask", type=Path, help="inpainting mask, white = repaint")
     parser.add_argument("--out", type=Path, default=Path("outputs/sd15"))
+    parser.add_argument("--preview", type=Path, metavar="DIR", help="save the streamed preview PNGs in DIR")
+    parser.add_argument("--preview-every", type=int, help="a preview every N steps (server default 5; 0 = none)")
+    parser.add_argument("--preview-vae", action="store_true", help="exact previews by the VAE (costs a decode each)")
     add_server_options(parser)
     args = parser.parse_args(argv)
     try:
-        result = generate(client_from(args), args.prompt, args.out, "sd15",
+        result = generate(client_from(args), args.prompt, args.out, "sd15", preview_dir=args.preview,
+                          preview_every=args.preview_every, preview_vae=args.preview_vae or None,
                           negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
                           width=args.width, height=args.height, seed=args.seed, scheduler=args.scheduler,
                           num_images=args.num_images, image=args.image, strength=args.strength, mask=args.mask)

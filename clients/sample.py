@@ -2,6 +2,9 @@
 the denoised estimates along the reverse process.
 
     python -m clients.sample -n 16 [--steps 10 --scheduler ddpm] --seed 0 --out outputs/ddpm [--trajectory]
+                             [--preview outputs/ddpm/previews]
+
+The request is streamed: a bar shows the server's steps and ETA as they happen.
 """
 from __future__ import annotations
 
@@ -9,7 +12,6 @@ import argparse
 import base64
 import io
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,31 +19,9 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import make_grid
-from tqdm import tqdm
-
 from clients.api import ServerError, TorchServeClient, save_b64_png
 from clients.options import add_server_options, client_from
-
-
-def with_progress(label: str, call):
-    """Runs call() while a tqdm line shows the seconds spent waiting for the server."""
-    done = threading.Event()
-    result: dict = {}
-
-    def work():
-        try:
-            result["value"] = call()
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            result["error"] = exc
-        done.set()
-
-    threading.Thread(target=work, daemon=True).start()
-    with tqdm(desc=label, bar_format="{desc}: {elapsed} elapsed", file=sys.stderr) as bar:
-        while not done.wait(0.25):
-            bar.update(0)
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
+from clients.progress import streamed
 
 
 def grid(images: list[Image.Image], scale: int = 4) -> Image.Image:
@@ -54,13 +34,15 @@ def grid(images: list[Image.Image], scale: int = 4) -> Image.Image:
 
 def sample(client: TorchServeClient, out: Path, num_images: int, steps: int | None = None,
            scheduler: str | None = None, seed: int | None = None, eta: float | None = None,
-           trajectory: bool = False, version: str | None = None) -> dict:
-    """steps / scheduler / eta None: the server's defaults (GET /models/ddpm?customized=true)."""
+           trajectory: bool = False, version: str | None = None, preview_dir: Path | None = None,
+           preview_every: int | None = None) -> dict:
+    """steps / scheduler / eta None: the server's defaults (GET /models/ddpm?customized=true).
+    Streams the request: a step bar, and the x0 previews saved in `preview_dir` when given."""
     payload = {"num_images": num_images, "seed": seed, "trajectory": trajectory}
-    payload.update({k: v for k, v in (("steps", steps), ("scheduler", scheduler), ("eta", eta)) if v is not None})
+    payload.update({k: v for k, v in (("steps", steps), ("scheduler", scheduler), ("eta", eta),
+                                      ("preview_every", preview_every)) if v is not None})
     label = f"{steps} steps ({scheduler})" if steps and scheduler else "the server's default steps"
-    result = with_progress(f"sampling {num_images} x {label}",
-                           lambda: client.predict("ddpm", payload, version=version))
+    result = streamed(client, "ddpm", payload, f"sampling {num_images} x {label}", version, preview_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [save_b64_png(b, out / f"sample-{result['seed']}-{i}.png") for i, b in enumerate(result["images"])]
     pils = [Image.open(io.BytesIO(base64.b64decode(b))) for b in result["images"]]
@@ -74,8 +56,10 @@ def demo(out: Path) -> str:
     """What `make demo` runs: 16 samples at the server's default scheduler + a grid, and one trajectory GIF."""
     client = TorchServeClient(key_file=Path(__file__).resolve().parents[1] / "key_file.json")
     got = sample(client, out, num_images=16, seed=0)
-    sample(client, out, num_images=1, seed=1, trajectory=True)
-    return f"ddpm: 16 samples and {got['grid']}, trajectory GIF {out / 'trajectory-1.gif'}"
+    sample(client, out, num_images=1, seed=1, steps=20, scheduler="ddpm", trajectory=True,
+           preview_dir=out / "previews", preview_every=4)
+    return (f"ddpm: 16 samples and {got['grid']}, trajectory GIF {out / 'trajectory-1.gif'}, streamed previews "
+            f"in {out / 'previews'}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,12 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trajectory", action="store_true", help="also save the x0 trajectory GIF")
     parser.add_argument("--version")
     parser.add_argument("--out", type=Path, default=Path("outputs/ddpm"))
+    parser.add_argument("--preview", type=Path, metavar="DIR", help="save the streamed preview PNGs (x0 estimates) in DIR")
+    parser.add_argument("--preview-every", type=int, help="a preview every N steps (server default 5; 0 = none)")
     add_server_options(parser)
     args = parser.parse_args(argv)
     started = time.monotonic()
     try:
         got = sample(client_from(args), args.out, args.num_images, args.steps, args.scheduler, args.seed,
-                     args.eta, args.trajectory, args.version)
+                     args.eta, args.trajectory, args.version, args.preview, args.preview_every)
     except ServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

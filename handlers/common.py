@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import platform
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handlers.errors import RequestError, set_error_status
 from handlers.request import RequestModel
+from handlers.streaming import BatchStreams, StepClock
 from handlers import kserve  # KServe v1/v2 bodies (TS_SERVICE_ENVELOPE); see that module
 
 logger = logging.getLogger(__name__)
@@ -105,16 +107,6 @@ def runtime() -> dict:
     with it that the workers it tests are aarch64 processes."""
     return {"machine": platform.machine(), "python": platform.python_version(),
             "torch": torch.__version__, "threads": torch.get_num_threads()}
-
-
-def timeout_budget(context, config: dict, rate_key: str) -> float:
-    """Work units a batch may hold: the config's measured rate (units/s) x the model's
-    responseTimeout x the config's safety margin `timeout_margin`."""
-    timeout_s = float(context.model_yaml_config["responseTimeout"])
-    for key in (rate_key, "timeout_margin"):
-        if key not in config:
-            raise KeyError(f"model config lacks handler.{key} (needed for the time budget)")
-    return float(config[rate_key]) * timeout_s * float(config["timeout_margin"])
 
 
 def model_dir(context) -> str:
@@ -208,14 +200,22 @@ class BatchedHandler(BaseHandler):
     `X-Batch-Size` header. BaseHandler.handle() stays the entry point, so describe
     (`GET /models/<m>?customized=true`), explain and the profiler work as TorchServe documents.
 
-    Time budget: `budget` is the work a batch may take on within TorchServe's responseTimeout
-    (`timeout_budget`), counted by each request's `cost()`. A request that alone exceeds it is
-    refused (400); requests that would push the batch past it get 503 (clients retry), so
-    TorchServe never kills a worker for a slow batch.
+    Time budget: `budget` is the work TorchServe's responseTimeout x the config's `timeout_margin`
+    holds at the speed this worker measured (`clock`, a StepClock: warm-up at load, then every
+    group), counted by each request's `cost()`, or `step_cost()` for a streaming request (its
+    messages reset TorchServe's timer every step). A request that alone exceeds it is refused
+    (400); requests that would push the batch past it get 503 (clients retry), so TorchServe never
+    kills a worker for a slow batch, on a slow board or a busy machine alike.
+
+    Streaming (`"stream": true`, handlers/streaming.py): run_group reports each step with
+    `progress()`; the batch's streaming requests get NDJSON events, the others nothing until
+    their ordinary response.
     """
 
     request_type: type[RequestModel]
     budget: float = math.inf
+    clock: StepClock | None = None
+    streams: BatchStreams | None = None
     # KServe (handlers/kserve.py): the envelopes hand this handler the whole batch and set the protocol.
     kserve_native = True
     kserve_protocol: str | None = None
@@ -234,6 +234,17 @@ class BatchedHandler(BaseHandler):
         limits that come from the model itself (e.g. the number of classes)."""
         self.request = type(self).request_type.bind({**self.config, **(model_limits or {})})
 
+    def start_clock(self, warmup_seconds_per_unit: float) -> None:
+        """Diffusion handlers: the time budget follows the speed this worker measures."""
+        if "timeout_margin" not in self.config:
+            raise KeyError("model config lacks handler.timeout_margin (needed for the time budget)")
+        self.clock = StepClock(warmup_seconds_per_unit)
+        self.update_budget()
+
+    def update_budget(self) -> None:
+        timeout_s = float(self.context.model_yaml_config["responseTimeout"])
+        self.budget = timeout_s * float(self.config["timeout_margin"]) / self.clock.seconds_per_unit
+
     def validation_context(self) -> dict:
         """What a request's validators need beyond the body (image limits, the model's size)."""
         return {}
@@ -245,32 +256,38 @@ class BatchedHandler(BaseHandler):
         parsed = []
         for idx, row in enumerate(data):
             try:
-                params = self.parse(row)
-                self.check_cost(params)
-                parsed.append(Pending(idx, params, png=wants_png(self.context, idx) and params.images_requested == 1,
-                                      explain=header(self.context, idx, "explain") == "True"))
+                parsed.append(self.admit(idx, row))
             except RequestError as err:
                 parsed.append(err)
         return parsed
+
+    def admit(self, idx: int, row: Any) -> Pending:
+        """One row of the batch -> a valid request within the time budget, with what its headers ask."""
+        params = self.parse(row)
+        self.check_cost(params)
+        png = wants_png(self.context, idx) and params.images_requested == 1 and not streaming(params)
+        return Pending(idx, params, png=png, explain=header(self.context, idx, "explain") == "True")
 
     def parse(self, row: Any) -> RequestModel:
         """One row -> the bound request (JSON bodies; cam also takes raw image bytes)."""
         return self.request.parse(json_body(row), self.validation_context())
 
     def check_cost(self, params: RequestModel) -> None:
-        need = params.cost()
+        need = charge(params)
         if need > self.budget:
             name = params.cost_field()
-            raise RequestError(name, f"{params.cost_summary()} cannot finish within this server's response timeout "
-                                     f"(at most {self.budget:.0f} work units per batch on this target; this "
-                                     f"request needs {need:.0f}); lower '{name}'")
+            what = "one step of " + params.cost_summary() if streaming(params) else params.cost_summary()
+            hint = "" if streaming(params) else ", or stream it (\"stream\": true: the limit is then per step)"
+            raise RequestError(name, f"{what} cannot finish within this server's response timeout "
+                                     f"(at most {self.budget:.0f} work units per batch at this worker's measured "
+                                     f"speed; this request needs {need:.0f}); lower '{name}'{hint}")
 
     # inference -----------------------------------------------------------------------------
     def inference(self, parsed: list, *args, **kwargs) -> list[Outcome]:
         spent = 0.0
         for i, req in enumerate(parsed):
             if isinstance(req, Pending):
-                spent += req.params.cost()
+                spent += charge(req.params)
                 if spent > self.budget:
                     parsed[i] = RequestError(None, "server busy: this batch is at its time budget; retry", 503)
         outcomes = [Outcome(error=p) if isinstance(p, RequestError) else None for p in parsed]
@@ -278,10 +295,18 @@ class BatchedHandler(BaseHandler):
         for p in parsed:
             if isinstance(p, Pending):
                 groups.setdefault(p.params.batch_key(), []).append(p)
+        # In-process callers (benchmarks) have no request ids: nothing to stream to.
+        streamed = getattr(self.context, "request_ids", None) and [
+            p for p in parsed if isinstance(p, Pending) and streaming(p.params)]
+        self.streams = BatchStreams(self.context, streamed, len(parsed), self.steps_total) if streamed else None
         for members in groups.values():
             group = Group(shared=members[0].params.shared(), requests=members)
             try:
+                started = time.perf_counter()
                 results = self.run_group(group)
+                if self.clock is not None:
+                    self.clock.observe(time.perf_counter() - started, sum(p.params.cost() for p in members))
+                    self.update_budget()
                 answers, start = [], 0
                 for p in members:
                     n = p.params.images_requested
@@ -303,6 +328,9 @@ class BatchedHandler(BaseHandler):
             return kserve.postprocess(self, outcomes)
         out = []
         for idx, oc in enumerate(outcomes):
+            if self.streams is not None and idx in self.streams:  # status and headers went out with its first event
+                out.append(self.streams.last_chunk(oc))
+                continue
             self.context.set_response_header(idx, "X-Batch-Size", str(len(outcomes)))
             for key, value in oc.headers.items():
                 self.context.set_response_header(idx, key, value)
@@ -347,8 +375,28 @@ class BatchedHandler(BaseHandler):
         return {}
 
     # Subclass API --------------------------------------------------------------------------
+    def progress(self, group: Group, step: int, group_started: float, previews=None) -> None:
+        """run_group calls this after each step: events for the group's streaming requests.
+        `previews(image_indexes) -> PIL images` renders the current estimate, only when one is due."""
+        if self.streams is not None:
+            self.streams.progress(group, step, group_started, previews)
+
+    def steps_total(self, params: RequestModel) -> int:
+        """The denoising steps a request runs: what its progress events count to."""
+        return params.steps
+
     def run_group(self, group: Group) -> list:
         raise NotImplementedError
 
     def respond(self, pending: Pending, results: list) -> Outcome:
         raise NotImplementedError
+
+
+def streaming(params: RequestModel) -> bool:
+    return bool(getattr(params, "stream", False))
+
+
+def charge(params: RequestModel) -> float:
+    """What a request takes of a batch's time budget: all its work, or for a streaming request the
+    work between two of its messages (TorchServe's timer restarts at every message)."""
+    return params.step_cost() if streaming(params) else params.cost()

@@ -27,10 +27,10 @@ import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
-from handlers.common import (JSON_TYPE, PNG_TYPE, BatchedHandler, Group, Outcome, Pending, header,
-                             timeout_budget, wants_png)
+from handlers.common import (JSON_TYPE, PNG_TYPE, BatchedHandler, Group, Outcome, Pending, streaming)
 from handlers.ddpm_request import SCHEDULERS, DdpmRequest
 from handlers.errors import RequestError, set_error_status
+from handlers.streaming import BatchStreams, NDJSON_TYPE, ndjson, progress_event, seconds_per_call, wants_preview
 from handlers.images import b64_png, encode_png, tensor_to_pil
 
 logger = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ class DdpmHandler(BatchedHandler):
     def initialize(self, context):
         wdir = self.prepare(context)
         try:
-            self.unet = UNet2DModel.from_pretrained(wdir, subfolder="unet", torch_dtype=self.dtype)
+            self.unet = self.load_unet(wdir)
             self.scheduler_config = DDPMScheduler.load_config(wdir, subfolder="scheduler")
         except (OSError, ValueError) as exc:
             raise RuntimeError(f"ddpm: cannot load the diffusers DDPM directory {wdir}: {exc}") from exc
@@ -56,7 +56,7 @@ class DdpmHandler(BatchedHandler):
         self.shape = (self.unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
         train_steps = int(self.scheduler_config["num_train_timesteps"])
         self.bind_request({"max_steps": min(int(self.config["max_steps"]), train_steps)})
-        self.budget = timeout_budget(context, self.config, "image_steps_per_second")
+        self.start_clock(self.measure_image_step())
         # Step-level batching: TorchServe's continuous batching hands every unfinished request
         # back at each call; state of the requests in flight, by request id.
         self.step_level = bool(context.model_yaml_config.get("continuousBatching"))
@@ -64,6 +64,16 @@ class DdpmHandler(BatchedHandler):
         self.initialized = True
         logger.info("ddpm: %s images, %s schedule, budget %.0f image-steps per batch on %s",
                     self.shape, self.scheduler_config.get("beta_schedule"), self.budget, self.device)
+
+    def load_unet(self, wdir: str) -> UNet2DModel:
+        return UNet2DModel.from_pretrained(wdir, subfolder="unet", torch_dtype=self.dtype)
+
+    def measure_image_step(self) -> float:
+        """Seconds of one UNet call on one image: the time budget's unit, measured at load."""
+        x = torch.zeros((1, *self.shape), device=self.device, dtype=self.dtype)
+        t = torch.tensor([500], device=self.device)
+        with torch.inference_mode():
+            return seconds_per_call(lambda: self.unet(x, t))
 
     def capabilities(self) -> dict:
         return {"schedulers": list(SCHEDULERS), "image_shape": list(self.shape),
@@ -110,7 +120,7 @@ class DdpmHandler(BatchedHandler):
         wanted = group.per_image("trajectory")
         watch = [i for i in group.first_images() if wanted[i]]
         frames: dict[int, list] = {i: [] for i in watch}
-        tick = time.monotonic()
+        started = tick = time.monotonic()
         for k, t in enumerate(scheduler.timesteps):
             with torch.inference_mode():
                 eps = self.unet(scheduler.scale_model_input(x, t), t).sample
@@ -118,11 +128,13 @@ class DdpmHandler(BatchedHandler):
                 x0 = predicted_x0(scheduler, x, eps, t)
                 for i in watch:
                     frames[i].append(x0[i : i + 1].float())
+            previews = lambda ids, x=x, eps=eps, t=t: x0_images(predicted_x0(scheduler, x[ids], eps[ids], t))  # noqa: E731
             x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+            self.progress(group, k + 1, started, previews)
             if time.monotonic() - tick > 10:
                 logger.info("ddpm: step %d/%d for %d images", k + 1, len(scheduler.timesteps), len(generators))
                 tick = time.monotonic()
-        pils = tensor_to_pil((x.float() / 2 + 0.5).clamp(0, 1))
+        pils = x0_images(x)
         return [(pil, frames.get(i)) for i, pil in enumerate(pils)]
 
     # step-level batching ------------------------------------------------------------------
@@ -143,11 +155,7 @@ class DdpmHandler(BatchedHandler):
                 continue
             new.add(idx)
             try:
-                params = self.parse(row)
-                self.check_cost(params)
-                png = wants_png(ctx, idx) and params.images_requested == 1
-                pending = Pending(idx, params, png=png, explain=header(ctx, idx, "explain") == "True")
-                self.flights[rid] = self.take_off(pending)
+                self.flights[rid] = self.take_off(self.admit(idx, row))
             except RequestError as err:
                 outcomes[idx] = Outcome(error=err)
             except Exception as exc:  # noqa: BLE001 - one failing request must not fail the others
@@ -165,32 +173,47 @@ class DdpmHandler(BatchedHandler):
         out, stops = [], []
         for idx, rid in enumerate(ids):
             f = self.flights.get(rid)
+            live = f is not None and streaming(f.pending.params)
             if idx in new:  # status, content type and headers go out with a request's first message
                 ctx.set_response_header(idx, "X-Batch-Size", str(len(data)))
                 if outcomes[idx] is None and f is not None:
-                    ctx.set_response_content_type(idx, PNG_TYPE if f.png_response else JSON_TYPE)
+                    ctx.set_response_content_type(idx, NDJSON_TYPE if live else PNG_TYPE if f.png_response else JSON_TYPE)
             if outcomes[idx] is None and f is not None and f.done:
                 results = [(pil, f.frames.get(i)) for i, pil in enumerate(self.finish(f))]
                 outcomes[idx] = self.respond(f.pending, results)
             if f is not None and (f.done or outcomes[idx] is not None):
                 del self.flights[rid]
             oc = outcomes[idx]
-            if oc is None:  # still denoising: an empty chunk writes nothing to the client
-                out.append(b"")
+            if oc is None:  # still denoising: a streaming request's events, else nothing (b"" writes nothing)
+                out.append(self.flight_events(f) if live else b"")
                 stops.append(False)
                 continue
-            if idx in new:
-                for key, value in oc.headers.items():
-                    ctx.set_response_header(idx, key, value)
-                if oc.error is not None:
-                    set_error_status(ctx, idx, oc.error)
-                ctx.set_response_content_type(idx, JSON_TYPE if oc.error is not None else oc.content_type)
-            # After its first message a request's status is fixed (200): a later error goes in-band.
-            body = oc.error.body() if oc.error is not None else oc.response
-            out.append(body if isinstance(body, (bytes, bytearray)) else json.dumps(body))
+            if live:  # the last step's progress, then the result (or an error event)
+                out.append((self.flight_events(f) if oc.error is None else b"") + BatchStreams.last_chunk(oc))
+            else:
+                if idx in new:
+                    for key, value in oc.headers.items():
+                        ctx.set_response_header(idx, key, value)
+                    if oc.error is not None:
+                        set_error_status(ctx, idx, oc.error)
+                    ctx.set_response_content_type(idx, JSON_TYPE if oc.error is not None else oc.content_type)
+                # After its first message a request's status is fixed (200): a later error goes in-band.
+                body = oc.error.body() if oc.error is not None else oc.response
+                out.append(body if isinstance(body, (bytes, bytearray)) else json.dumps(body))
             stops.append(None if idx in new else True)
         ctx.stopping_criteria = [lambda _ret, stop=stop: stop for stop in stops]
         return out
+
+    @staticmethod
+    def flight_events(f: SimpleNamespace) -> bytes:
+        """A streaming request's message of this step: progress, and its preview when due."""
+        elapsed = time.monotonic() - f.started
+        total = len(f.scheduler.timesteps)
+        events = [progress_event(f.k, total, elapsed, elapsed)]
+        if f.preview is not None:
+            events.append({"event": "preview", "step": f.k, "total": total,
+                           "images": [b64_png(p) for p in f.preview]})
+        return ndjson(events)
 
     def take_off(self, pending: Pending) -> SimpleNamespace:
         """A request's own sampling state, set up exactly as run_group sets up a group of one."""
@@ -199,7 +222,8 @@ class DdpmHandler(BatchedHandler):
         scheduler, x, step_kwargs, keep = self.start(req.scheduler, req.steps, req.eta, generators)
         return SimpleNamespace(pending=pending, scheduler=scheduler, x=x, k=0, step_kwargs=step_kwargs,
                                keep=keep if req.trajectory else set(), frames={0: []} if req.trajectory else {},
-                               png_response=pending.png and not req.trajectory, done=False)
+                               png_response=pending.png and not req.trajectory, done=False,
+                               started=time.monotonic(), preview=None)
 
     def step_flights(self, flights: list[SimpleNamespace]) -> None:
         """One denoising step of every flight: one UNet call with a (B,) timestep tensor."""
@@ -217,13 +241,16 @@ class DdpmHandler(BatchedHandler):
             start += len(f.x)
             if f.k in f.keep:
                 f.frames[0].append(predicted_x0(f.scheduler, f.x, eps, t)[0:1].float())
+            params = f.pending.params
+            due = streaming(params) and wants_preview(params, f.k + 1, len(f.scheduler.timesteps))
+            f.preview = x0_images(predicted_x0(f.scheduler, f.x, eps, t)) if due else None
             f.x = f.scheduler.step(eps, t, f.x, **f.step_kwargs).prev_sample
             f.k += 1
             f.done = f.k == len(f.scheduler.timesteps)
 
     @staticmethod
     def finish(f: SimpleNamespace) -> list:
-        return tensor_to_pil((f.x.float() / 2 + 0.5).clamp(0, 1))
+        return x0_images(f.x)
 
     # postprocess --------------------------------------------------------------------------
     def respond(self, pending: Pending, results: list[tuple]) -> Outcome:
@@ -242,12 +269,17 @@ class DdpmHandler(BatchedHandler):
     @staticmethod
     def trajectory_gif(frames: list[torch.Tensor]) -> str:
         """The x0 estimates along the reverse process as an animated GIF (base64)."""
-        pils = [tensor_to_pil((f / 2 + 0.5).clamp(0, 1))[0] for f in frames]
+        pils = [x0_images(f)[0] for f in frames]
         scale = max(1, 128 // pils[0].width)  # tiny demo images: make the animation visible
         pils = [p.resize((p.width * scale, p.height * scale), resample=0) for p in pils]
         buf = io.BytesIO()
         pils[0].save(buf, format="GIF", save_all=True, append_images=pils[1:], duration=250, loop=0)
         return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def x0_images(x: torch.Tensor) -> list:
+    """Samples in [-1, 1] -> PIL images."""
+    return tensor_to_pil((x.float() / 2 + 0.5).clamp(0, 1))
 
 
 def predicted_x0(scheduler, x: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:

@@ -210,6 +210,9 @@ def preprocess(handler, data: list) -> list:
                 if not isinstance(one, dict):
                     raise RequestError(None, f"must be a JSON object of the model's fields, got {type(one).__name__}")
                 params = handler.parse({"body": one})
+                if getattr(params, "stream", False):  # KServe's protocols answer once per request
+                    raise RequestError("stream", "'stream' is not available over the KServe protocol; "
+                                                 "use /predictions/<model> for NDJSON progress events")
                 handler.check_cost(params)
                 item = Pending(len(flat), params, png=False, explain=req.explain)
             except RequestError as err:

@@ -20,7 +20,8 @@ from copy import copy
 from typing import Annotated, Any, ClassVar, Mapping
 
 import annotated_types as at
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, create_model, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, create_model, field_validator,
+                      model_validator)
 
 from handlers.errors import RequestError
 
@@ -180,10 +181,35 @@ class SeededImages(RequestModel):
     seed: Annotated[int | None, Field(ge=0, le=MAX_SEED, validate_default=True)] = None
     """Seed of this request's own torch.Generator; null = a random one. The response reports the seed used."""
 
+    stream: bool = False
+    """Answer as NDJSON (`application/x-ndjson`), one event per line as the work goes: `progress` at
+    every step, `preview` every `preview_every` steps, and last `result` holding exactly the
+    non-streaming response (or `error`). See README, "Streaming progress"."""
+    preview_every: Annotated[int, Field(ge=0)] = 5
+    """With `stream`: a `preview` event (small PNGs of the current estimate) every this many steps; 0 = none."""
+
     @field_validator("seed")
     @classmethod
     def _resolve_seed(cls, seed: int | None) -> int:
         return secrets.randbelow(2**53) if seed is None else seed
+
+    @model_validator(mode="after")
+    def _preview_needs_stream(self):
+        if not self.stream:
+            for name in self.stream_fields():
+                if name in self.model_fields_set:
+                    raise RequestError(name, f"'{name}' applies to streaming requests only; add \"stream\": true")
+        return self
+
+    @classmethod
+    def stream_fields(cls) -> tuple[str, ...]:
+        """Fields that only mean something with `stream`."""
+        return ("preview_every",)
+
+    def step_cost(self) -> float:
+        """Work units between two messages of a streaming request: one step of its images, or the
+        work done once per request (decoding), whichever is larger."""
+        return self.num_images
 
 
 def _unwrap(annotation) -> tuple[Any, bool]:

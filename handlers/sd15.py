@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import numpy as np
 import torch
@@ -21,8 +22,8 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
-from handlers.common import PNG_TYPE, BatchedHandler, Group, Outcome, Pending, timeout_budget
-from handlers.images import b64_png, encode_png
+from handlers.common import PNG_TYPE, BatchedHandler, Group, Outcome, Pending
+from handlers.images import b64_png, encode_png, tensor_to_pil
 from handlers.sd15_request import SCHEDULERS, Sd15Request
 
 logger = logging.getLogger(__name__)
@@ -68,9 +69,22 @@ class Sd15Handler(BatchedHandler):
         # As diffusers' pipelines do: the UNet's sample size in pixels (512 for SD1.5).
         self.native_size = int(base.unet.config.sample_size * base.vae_scale_factor)
         self.bind_request()
-        self.budget = timeout_budget(context, self.config, "steps_per_second_512")
+        self.start_clock(self.measure_step())
+        self.latent_rgb = latent_rgb_fit(base.vae, self.device, self.dtype)
         self.initialized = True
         logger.info("sd15: loaded %s on %s (%s)%s", wdir, self.device, self.dtype, " [demo]" if self.demo else "")
+
+    def measure_step(self) -> float:
+        """Seconds per cost unit, measured at load: one whole 2-step 256x256 txt2img request (text
+        encoding, guided UNet calls, VAE decode) over its cost. Its first-call overheads count in, and
+        a model's fixed costs weigh more at 256 than at the larger sizes that use most of a budget, so
+        the figure errs slow (make bench: limits.sd15.rate_over_estimate). SD1.5 on a CPU: ~10 s."""
+        request = self.request.parse({"prompt": "", "steps": 2, "width": 256, "height": 256, "seed": 0},
+                                     self.validation_context())
+        group = Group(shared=request.shared(), requests=[Pending(0, request, png=False, explain=False)])
+        started = time.perf_counter()
+        self.run_group(group)
+        return (time.perf_counter() - started) / request.cost()
 
     def validation_context(self) -> dict:
         return {"max_pixels": int(self.config["max_image_pixels"]), "native_size": self.native_size}
@@ -94,8 +108,15 @@ class Sd15Handler(BatchedHandler):
             kwargs.update(image=group.per_image("init_image"), strength=shared["strength"])
         if shared["mode"] == "inpaint":
             kwargs.update(mask_image=group.per_image("mask_image"))
+        started = time.monotonic()
+
+        def on_step_end(pipe, i, t, tensors):  # diffusers' step callback: progress and previews
+            latents = tensors["latents"]
+            self.progress(group, i + 1, started, lambda ids: self.preview(pipe, latents[ids], group, ids))
+            return tensors
+
         with torch.inference_mode():
-            pils = pipe(**kwargs).images
+            pils = pipe(**kwargs, callback_on_step_end=on_step_end).images
         if shared["mode"] == "inpaint":
             # Outside the mask the input's own pixels, as AUTOMATIC1111 returns them: diffusers keeps
             # them only in latent space, and the VAE decode bleeds across the mask's edge (measured
@@ -103,6 +124,29 @@ class Sd15Handler(BatchedHandler):
             pils = [pipe.image_processor.apply_overlay(mask, init, img) for mask, init, img
                     in zip(group.per_image("mask_image"), group.per_image("init_image"), pils)]
         return list(zip(pils, self.check_safety(pils)))
+
+    def steps_total(self, params: Sd15Request) -> int:
+        """The UNet steps diffusers will run: PNDM runs one more than asked, img2img and inpainting
+        skip the first steps as diffusers' `get_timesteps` does (int(steps x strength) remain)."""
+        scheduler = SCHEDULERS[params.scheduler].from_config(self.scheduler_config)
+        scheduler.set_timesteps(params.steps)
+        skipped = params.steps - params.denoising_steps
+        return len(scheduler.timesteps[skipped * scheduler.order:])
+
+    def preview(self, pipe, latents: torch.Tensor, group: Group, ids: list[int]) -> list:
+        """The current latents of images `ids` as images: the VAE's decode where the request asked
+        for it (`preview_vae`), else the linear latent-to-RGB fit (one pixel per latent, 1/8 size)."""
+        exact = group.per_image("preview_vae")
+        out = []
+        for i, z in zip(ids, latents):
+            if exact[i]:
+                image = pipe.vae.decode(z[None] / pipe.vae.config.scaling_factor).sample
+                out += pipe.image_processor.postprocess(image, output_type="pil")
+            else:
+                weight, bias = self.latent_rgb
+                rgb = torch.einsum("chw,cr->rhw", z.float(), weight) + bias[:, None, None]
+                out += tensor_to_pil(((rgb / 2 + 0.5).clamp(0, 1))[None])
+        return out
 
     def check_safety(self, pils: list) -> list[bool | None]:
         """The weights' safety checker on the images (None per image when there is none)."""
@@ -145,3 +189,19 @@ class Sd15Handler(BatchedHandler):
             body["nsfw"] = nsfw
         return Outcome(response=body)
 
+
+
+def latent_rgb_fit(vae, device, dtype, count: int = 16, side: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear map from the VAE's (scaled) latent channels to RGB in [-1, 1]: least squares between
+    random latents (the denoising loop's N(0, 1) scale) and what the VAE decodes them to, averaged
+    over each latent pixel's area. Fitted at load (one decode of 16 latents of 8x8) so it holds for
+    any VAE: the SD1.5 factors ComfyUI publishes fit only SD1.5's. A linear map is a rough preview;
+    on the demo VAE it correlates ~0.5 with the true decode (README, "Streaming progress")."""
+    latents = torch.randn((count, vae.config.latent_channels, side, side), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        images = vae.decode((latents / vae.config.scaling_factor).to(device, dtype)).sample.float().cpu().clamp(-1, 1)
+    targets = torch.nn.functional.adaptive_avg_pool2d(images, (side, side))
+    z = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+    rgb = targets.permute(0, 2, 3, 1).reshape(-1, 3)
+    solution = torch.linalg.lstsq(torch.cat([z, torch.ones(len(z), 1)], dim=1), rgb).solution
+    return solution[:-1], solution[-1]

@@ -67,7 +67,9 @@ def ddpm_cases() -> list[tuple[str, bytes | dict, str]]:
         ("unknown-field", {"prompt": "a cat"}, "prompt"),
         ("not-json", b"\x89PNG not json", "body"),
         ("json-array", b"[1, 2]", "body"),
-        ("over-time-budget", {"steps": 1000, "num_images": 16}, "steps"),
+        ("stream-not-bool", {"stream": "yes"}, "stream"),
+        ("preview-without-stream", {"preview_every": 2}, "preview_every"),
+        ("negative-preview-every", {"stream": True, "preview_every": -1}, "preview_every"),
     ]
 
 
@@ -93,5 +95,6 @@ def sd15_cases() -> list[tuple[str, bytes | dict, str]]:
         ("strength-leaves-no-step", {**base, "image": png, "steps": 1, "strength": 0.5}, "strength"),
         ("unknown-field", {**base, "cfg": 7}, "cfg"),
         ("unknown-scheduler", {**base, "scheduler": "lms"}, "scheduler"),
-        ("over-time-budget", {**base, "width": 1024, "height": 1024, "steps": 100, "num_images": 4}, "steps"),
+        ("stream-not-bool", {**base, "stream": 1}, "stream"),
+        ("preview-vae-without-stream", {**base, "preview_vae": True}, "preview_vae"),
     ]

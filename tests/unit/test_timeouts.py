@@ -1,9 +1,9 @@
 """Per target, request limits and responseTimeout agree: no request the handler accepts can run
 past TorchServe's responseTimeout (which would kill the worker).
 
-Checked from the configs and the cost model only: nothing here measures a speed, so the suite
-passes on a slower or busier machine. Whether a config's speed figure is conservative on this
-machine is a measurement: `make bench` reports it (benchmarks/bench_limits.py).
+The diffusion models' budget follows the speed each worker measures (handlers/streaming.py
+StepClock); the tests set that clock to chosen figures, so nothing here depends on this machine's
+speed. Whether the measured figures hold is a measurement: `make bench` (benchmarks/bench_limits.py).
 """
 from __future__ import annotations
 
@@ -13,41 +13,60 @@ import yaml
 from handlers.ddpm import DdpmHandler
 from handlers.errors import RequestError
 from handlers.sd15 import Sd15Handler
+from handlers.streaming import StepClock
 from harness.context import run_batch
 from harness.inprocess import demo_weights, load_handler, unpack
 from harness.targets import config_path, targets
 
-DIFFUSION = {"ddpm": (DdpmHandler, "image_steps_per_second"), "sd15": (Sd15Handler, "steps_per_second_512")}
+DIFFUSION = {"ddpm": DdpmHandler, "sd15": Sd15Handler}
 
 
 def config(model: str, target: str) -> dict:
     return yaml.safe_load(config_path(model, target).read_text())
 
 
+def worst_request(model: str, limits: dict) -> dict:
+    """The most expensive request the per-field limits allow."""
+    if model == "ddpm":
+        return {"steps": limits["max_steps"], "num_images": limits["max_num_images"], "seed": 0}
+    return {"prompt": "x", "steps": limits["max_steps"], "width": limits["max_size"],
+            "height": limits["max_size"], "num_images": limits["max_num_images"], "seed": 0}
+
+
 @pytest.mark.parametrize(("model", "target"), [(m, t) for m in sorted(DIFFUSION) for t in targets(m)])
-def test_budget_follows_the_timeout(tmp_path, model, target):
-    cls, rate_key = DIFFUSION[model]
+def test_budget_follows_the_measured_speed(tmp_path, model, target):
+    """The budget is responseTimeout x timeout_margin at the speed the worker measured; no target
+    states a speed of its own. At a speed slow enough that the worst request is over budget (a
+    slow board, a busy machine), it is refused with 400, and the same request streamed, whose
+    limit is one step, is accepted."""
     cfg = config(model, target)
     assert 0 < cfg["handler"]["timeout_margin"] <= 0.8
-    handler, ctx = load_handler(cls, model, unpack(tmp_path, model, demo_weights(model), target), target)
-    expected = cfg["handler"][rate_key] * cfg["responseTimeout"] * cfg["handler"]["timeout_margin"]
-    assert handler.budget == pytest.approx(expected)
-    # The most expensive request the per-field limits allow is refused when over budget.
-    limits = handler.request.limits
-    if model == "ddpm":
-        worst = {"steps": limits["max_steps"], "num_images": limits["max_num_images"], "seed": 0}
-    else:
-        worst = {"prompt": "x", "steps": limits["max_steps"], "width": limits["max_size"],
-                 "height": limits["max_size"], "num_images": limits["max_num_images"]}
+    assert not {"image_steps_per_second", "steps_per_second_512"} & set(cfg["handler"])
+    handler, ctx = load_handler(DIFFUSION[model], model, unpack(tmp_path, model, demo_weights(model), target), target)
+    allowed_s = cfg["responseTimeout"] * cfg["handler"]["timeout_margin"]
+    assert handler.budget == pytest.approx(allowed_s / handler.clock.seconds_per_unit)
+    worst = worst_request(model, handler.request.limits)
     worst_req = handler.parse({"body": worst})
-    if worst_req.cost() > handler.budget:
-        with pytest.raises(RequestError, match="response timeout"):
-            handler.check_cost(worst_req)
-        run_batch(handler, ctx, [{"body": worst}])
-        assert ctx.status(0) == 400
-    # Something useful always fits: one request at every default.
-    default = {} if model == "ddpm" else {"prompt": "x"}
-    assert handler.parse({"body": default}).cost() <= handler.budget
+    streamed = handler.parse({"body": {**worst, "stream": True}})
+    # A clock at which the whole request needs twice the allowed time but one step fits easily.
+    handler.clock = StepClock(2 * allowed_s / worst_req.cost())
+    handler.update_budget()
+    assert streamed.step_cost() * 10 < handler.budget < worst_req.cost()
+    with pytest.raises(RequestError, match="response timeout") as refused:
+        handler.check_cost(worst_req)
+    assert "stream" in str(refused.value)  # the 400 says how to get it done
+    run_batch(handler, ctx, [{"body": worst}])
+    assert ctx.status(0) == 400
+    handler.check_cost(streamed)
+
+
+def test_step_clock_follows_a_slower_machine_never_a_faster_batch():
+    clock = StepClock(0.1)
+    clock.observe(seconds=1.0, units=100)  # a batched group: 0.01 s per unit
+    assert clock.seconds_per_unit == 0.1  # the batch-1 warm-up figure stays the floor
+    for _ in range(10):
+        clock.observe(seconds=50.0, units=100)  # the machine got 5x slower
+    assert clock.seconds_per_unit == pytest.approx(0.5, rel=0.05)
 
 
 @pytest.mark.parametrize("target", targets("cam"))

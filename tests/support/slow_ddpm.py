@@ -1,0 +1,23 @@
+"""Test double: the ddpm handler with a UNet that sleeps `slow_unet_s` (model config, `handler:`)
+before every call, so a test can make a request outlast TorchServe's responseTimeout on any
+machine. Archived with `archive.sh --handler tests/support/slow_ddpm.py`; the worker measures
+the slowed UNet at load like any other (handlers/streaming.py StepClock)."""
+from __future__ import annotations
+
+import time
+
+from handlers.ddpm import DdpmHandler
+
+
+class SlowUnetDdpmHandler(DdpmHandler):
+    def load_unet(self, wdir: str):
+        unet = super().load_unet(wdir)
+        delay = float(self.config["slow_unet_s"])
+        forward = unet.forward
+
+        def slow_forward(*args, **kwargs):
+            time.sleep(delay)
+            return forward(*args, **kwargs)
+
+        unet.forward = slow_forward
+        return unet

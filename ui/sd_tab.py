@@ -1,0 +1,117 @@
+"""Stable Diffusion tab: txt2img; img2img when a start image is given; inpainting when a mask is
+painted over it in the browser (Gradio's image editor; painted = repaint). The seed used is
+shown, and "Reuse seed" puts it back into the seed field."""
+from __future__ import annotations
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from clients.api import TorchServeClient
+from ui.common import Fields, b64_png, optional_number, png, request_schema, schema_hint, streamed
+
+MODEL = "sd15"
+
+
+def start_image_and_mask(editor: dict | None) -> tuple[Image.Image | None, Image.Image | None]:
+    """The editor's background (the start image) and the union of its painted layers as a
+    white-on-black mask, or None when nothing was painted."""
+    if not editor or editor.get("background") is None:
+        return None, None
+    background = editor["background"].convert("RGB")
+    painted = np.zeros((background.height, background.width), dtype=bool)
+    for layer in editor.get("layers") or []:
+        alpha = np.asarray(layer.convert("RGBA").resize(background.size, Image.NEAREST))[..., 3]
+        painted |= alpha > 0
+    mask = Image.fromarray(painted.astype(np.uint8) * 255) if painted.any() else None
+    return background, mask
+
+
+def build(demo: gr.Blocks, client: TorchServeClient) -> None:
+    fields = Fields(client, MODEL)
+    with gr.Tab("Stable Diffusion", id="sd15"):
+        with gr.Row():
+            with gr.Column(scale=1):
+                prompt = gr.Textbox(label="Prompt", value="a red handwritten 7", elem_id="sd15-prompt")
+                fields.slot("prompt")
+                negative = gr.Textbox(label="Negative prompt", elem_id="sd15-negative-prompt")
+                fields.slot("negative_prompt")
+                with gr.Row():
+                    steps = gr.Number(label="Steps", value=25, precision=0, elem_id="sd15-steps")
+                    guidance = gr.Number(label="Guidance", value=7.5, elem_id="sd15-guidance-scale")
+                    scheduler = gr.Dropdown(label="Scheduler", elem_id="sd15-scheduler")
+                with gr.Row():
+                    fields.slot("steps")
+                    fields.slot("guidance_scale")
+                    fields.slot("scheduler")
+                with gr.Row():
+                    width = gr.Textbox(label="Width", placeholder="native", elem_id="sd15-width")
+                    height = gr.Textbox(label="Height", placeholder="native", elem_id="sd15-height")
+                    num_images = gr.Number(label="Images", value=1, precision=0, elem_id="sd15-num-images")
+                with gr.Row():
+                    fields.slot("width")
+                    fields.slot("height")
+                    fields.slot("num_images")
+                seed = gr.Textbox(label="Seed", placeholder="random", elem_id="sd15-seed")
+                fields.slot("seed")
+                with gr.Accordion("img2img / inpainting", open=False, elem_id="sd15-img2img"):
+                    editor = gr.ImageEditor(
+                        label="Start image (img2img); paint over it to inpaint (painted = repaint)",
+                        type="pil", sources=["upload", "clipboard"], layers=False, transforms=(),
+                        brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=4), eraser=gr.Eraser(),
+                        elem_id="sd15-editor", height=360)
+                    fields.slot("image")
+                    fields.slot("mask")
+                    strength = gr.Textbox(label="Strength", placeholder="0.75 img2img, 1.0 inpainting",
+                                          elem_id="sd15-strength")
+                    fields.slot("strength")
+                run = gr.Button("Generate", variant="primary", elem_id="sd15-run")
+                fields.status_line()
+            with gr.Column(scale=1):
+                info = gr.Markdown(elem_id="sd15-info")
+                with gr.Row(equal_height=True):
+                    seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id="sd15-seed-used", scale=3)
+                    reuse = gr.Button("Reuse seed", elem_id="sd15-reuse-seed", scale=1)
+                gallery = gr.Gallery(label="Images", columns=2, format="png", object_fit="contain",
+                                     elem_id="sd15-gallery", elem_classes="pixelated", height="auto", preview=False)
+
+    def load():
+        meta = request_schema(client, MODEL)
+        schema = meta.get("request_schema", {})
+        yield {
+            scheduler: gr.update(choices=meta.get("schedulers", []), value=schema["properties"]["scheduler"]["default"]),
+            steps: gr.update(info=schema_hint(schema, "steps")),
+            guidance: gr.update(info=schema_hint(schema, "guidance_scale")),
+            width: gr.update(info=schema_hint(schema, "width"), placeholder=f"native ({meta.get('native_size')})"),
+            height: gr.update(info=schema_hint(schema, "height"), placeholder=f"native ({meta.get('native_size')})"),
+            num_images: gr.update(info=schema_hint(schema, "num_images")),
+            strength: gr.update(info=schema_hint(schema, "strength")),
+        }
+
+    def generate(prompt_, negative_, steps_, guidance_, width_, height_, scheduler_, num_images_, seed_,
+                 editor_, strength_):
+        image, mask = start_image_and_mask(editor_)
+        payload = {"prompt": prompt_, "negative_prompt": negative_, "steps": steps_, "guidance_scale": guidance_,
+                   "width": optional_number(width_, "width"), "height": optional_number(height_, "height"),
+                   "scheduler": scheduler_, "num_images": num_images_, "seed": optional_number(seed_, "seed"),
+                   "image": image and b64_png(image), "mask": mask and b64_png(mask),
+                   "strength": optional_number(strength_, "strength", float)}
+        payload = {k: v for k, v in payload.items() if v is not None}
+        yield {info: f"generating {steps_} steps ..."}
+        result = yield from streamed(client, MODEL, payload, info, gallery)
+        strength_text = f", strength {result['strength']}" if result.get("strength") is not None else ""
+        warnings = "".join(f"\n\n⚠ {w}" for w in result.get("warnings", []))
+        yield {
+            gallery: [png(b) for b in result["images"] if b is not None],
+            seed_used: str(result["seed"]),
+            info: (f"**{result['mode']}** · seed **{result['seed']}** · {result['steps']} steps · "
+                   f"{result['scheduler']} · guidance {result['guidance_scale']} · "
+                   f"{result['width']}x{result['height']}{strength_text}{warnings}"),
+        }
+
+    demo.load(fields.guarded(load), outputs=[scheduler, steps, guidance, width, height, num_images, strength,
+                                             *fields.outputs])
+    run.click(fields.guarded(generate),
+              inputs=[prompt, negative, steps, guidance, width, height, scheduler, num_images, seed, editor, strength],
+              outputs=[gallery, seed_used, info, *fields.outputs])
+    reuse.click(lambda used: used, inputs=seed_used, outputs=seed)
