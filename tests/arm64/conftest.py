@@ -31,9 +31,9 @@ def served():
                             python=arm64.python(userland), env=arm64.env(userland)) as ts:
         ts.client = ts.make_client(timeout=600)  # emulated workers: minutes per batch
         for archive in ARCHIVES:
-            # sd15's arm64 config says batchSize 1 (the real SD1.5 leaves no memory for two on a
-            # Pi 5, docs/TARGETS.md); the tiny demo model is served with 2 so the test sees an
-            # aarch64 worker batch it. The others keep their arm64 configs.
+            # sd15's arm64 config says batchSize 1 (two requests of two images would not fit a
+            # Pi 5 with the real SD1.5, docs/TARGETS.md); the tiny demo model is served with 2 so
+            # the test sees an aarch64 worker batch it. The others keep their arm64 configs.
             ts.client.register(archive, batch_size=2 if archive == "sd15" else None, synchronous=False)
         ts.client.wait_ready(models(), timeout=1200)
         yield ts

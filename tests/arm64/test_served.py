@@ -14,10 +14,8 @@ from harness.targets import config_path, models
 from harness.traffic import assert_bad_input_refused, valid_payloads
 from weights import digits
 
-# "over-time-budget" is sized against the cpu target's limits; on arm64 a per-field limit
-# (num_images, width) refuses it first, under another field name.
 BAD = [(model, case) for model, cases in (("cam", cam_cases()), ("ddpm", ddpm_cases()), ("sd15", sd15_cases()))
-       for case in cases if case[0] != "over-time-budget"]
+       for case in cases]
 
 
 def test_workers_run_on_aarch64(runtimes):
