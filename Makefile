@@ -11,7 +11,7 @@ TARGETS := $(sort $(basename $(notdir $(wildcard model_configs/*/*.yaml))))
 # --ts-config, so recipes (tests, benchmarks: private servers with their own config) never see it.
 unexport TS_CONFIG_FILE
 
-.PHONY: help setup weights archive kserve quality start stop ui browser demo test test-unit test-integration bench reliability compare clean
+.PHONY: help setup weights archive kserve quality start stop ui browser demo test test-unit test-integration test-arm64 bench reliability compare clean
 
 help:
 	@echo "make setup                    create .venv with the pinned requirements (checks Java 17)"
@@ -22,6 +22,7 @@ help:
 	@echo "make ui [UI_ARGS=...]         web playground on http://127.0.0.1:7860 (starts TorchServe if none answers)"
 	@echo "make demo                     everything on a fresh machine; outputs in outputs/"
 	@echo "make test                     unit + integration + browser tests (offline, starts its own TorchServe)"
+	@echo "make test-arm64 [ARM64_UNIT=..]   the arm64 archives on aarch64 (qemu; needs root + apt): unit, served, x86 vs aarch64"
 	@echo "make bench                    benchmarks -> benchmarks/results/latest.{json,md}, then make quality"
 	@echo "make quality                  sd15 demo model judged by the cam classifier -> benchmarks/results/sd15-quality.*"
 	@echo "make reliability              load + faults + bad input -> docs/RELIABILITY.md"
@@ -94,6 +95,23 @@ test-unit: weights
 
 test-integration: archive
 	$(PY) -m pytest tests/integration -q
+
+# aarch64 under qemu user-mode emulation on an x86 machine (README, "Targets"). The userland
+# (Debian bookworm + .venv with requirements.txt, ~4 GB) is built once into ARM64_ROOT; .ci/run
+# points it outside the clone so fresh CI clones reuse it. ARM64_UNIT: the unit tests run on
+# aarch64 (the handlers' real code paths); `ARM64_UNIT=` skips them, `ARM64_UNIT=tests/unit`
+# runs them all (~26 min emulated).
+ARM64_ROOT ?= $(CURDIR)/.arm64/rootfs
+ARM64_UNIT ?= tests/unit/test_cam_handler.py tests/unit/test_ddpm_handler.py tests/unit/test_sd15_handler.py
+test-arm64: weights
+	harness/arm64_userland.sh $(ARM64_ROOT)
+	./archive.sh --profile demo --target arm64 --store model_store/arm64
+	@if [ -n "$(strip $(ARM64_UNIT))" ]; then \
+	  echo "[arm64] unit tests on aarch64: $(ARM64_UNIT)"; \
+	  ARM64_ROOT=$(ARM64_ROOT) $(PY) -m harness.arm64 -c 'import platform; print("[arm64] pytest runs on", platform.machine())' && \
+	  ARM64_ROOT=$(ARM64_ROOT) $(PY) -m harness.arm64 -m pytest -q -p no:cacheprovider $(ARM64_UNIT); fi
+	@echo "[arm64] TorchServe with aarch64 workers: served checks, x86 vs aarch64, worker memory"
+	ARM64_ROOT=$(ARM64_ROOT) $(PY) -m pytest tests/arm64 -v -s -p no:cacheprovider
 
 bench: archive
 	$(PY) -m benchmarks.run

@@ -23,6 +23,8 @@ from handlers.cam_request import FAST_METHOD, GRAD_CAM_METHODS, METHODS, CamRequ
 from handlers.common import PNG_TYPE, BatchedHandler, Group, Outcome, Pending, request_body
 from handlers.images import b64_png, encode_png
 
+OVERLAY_IMAGE_WEIGHT = 0.5  # the overlay is half picture, half JET heatmap
+
 logger = logging.getLogger(__name__)
 
 
@@ -143,7 +145,7 @@ class CamHandler(BatchedHandler):
         if pending.explain:
             return Outcome(response=cam)
         base = np.asarray(shown, dtype=np.float32) / 255.0
-        overlay = Image.fromarray(show_cam_on_image(base, full, use_rgb=True, image_weight=0.5))
+        overlay = Image.fromarray(show_cam_on_image(base, full, use_rgb=True, image_weight=OVERLAY_IMAGE_WEIGHT))
         if pending.png:
             return Outcome(response=encode_png(overlay), content_type=PNG_TYPE)
         top = probs.topk(req.topk)

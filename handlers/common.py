@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import platform
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,6 +100,13 @@ def select_device(context, config: dict) -> tuple[torch.device, torch.dtype]:
         if threads > 0:
             torch.set_num_threads(threads)
     return device, dtype
+
+
+def runtime() -> dict:
+    """Where this worker runs (logged at load, reported by describe): `make test-arm64` shows
+    with it that the workers it tests are aarch64 processes."""
+    return {"machine": platform.machine(), "python": platform.python_version(),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
 def model_dir(context) -> str:
@@ -218,6 +226,7 @@ class BatchedHandler(BaseHandler):
         self.context = context
         self.config = handler_config(context)
         self.device, self.dtype = select_device(context, self.config)
+        logger.info("worker runtime: %s", runtime())
         return weights_dir(context)
 
     def bind_request(self, model_limits: dict | None = None) -> None:
@@ -347,6 +356,7 @@ class BatchedHandler(BaseHandler):
             "model": self.context.model_name,
             "version": (manifest.get("model") or {}).get("modelVersion"),
             **self.archive_info(),
+            "runtime": runtime(),
             "request_schema": self.request.json_schema(),
             **self.capabilities(),
         })

@@ -34,12 +34,17 @@ class TorchServeInstance:
     archives: names of entries in the repo's model_store/ put into the private store (linked,
     not copied); all of them are loaded at start (`load_models=all`) unless load_at_start is
     False, in which case the test registers them through the management API. extra: more
-    config.properties lines (override the repo's values).
+    config.properties lines (override the repo's values). python: the interpreter that runs
+    TorchServe's launcher, and hence the workers (the frontend starts them with the launcher's
+    sys.executable); default the repo's .venv. env: more environment variables for the server
+    (e.g. QEMU_LD_PREFIX for an emulated aarch64 python, harness/arm64.py).
     """
 
     def __init__(self, archives: list[str] | None = None, extra: dict | None = None,
                  source_store: Path | None = None, startup_timeout: float = 300.0,
-                 load_at_start: bool = True):
+                 load_at_start: bool = True, python: Path | None = None, env: dict | None = None):
+        self.python = Path(python or VENV_BIN / "python")
+        self.env = env or {}
         self.archives = archives or []
         self.load_at_start = load_at_start and bool(self.archives)
         self.extra = extra or {}
@@ -88,11 +93,13 @@ class TorchServeInstance:
         # working tree. TS_CONFIG_FILE (an activated venv exports it) would override --ts-config.
         inherited = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TS_CONFIG_FILE")}
         env = dict(inherited, TMPDIR=str(self.tmp), TEMP=str(self.tmp), TMP=str(self.tmp),
-                   PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}",
-                   JAVA_TOOL_OPTIONS=f"-Djava.io.tmpdir={self.tmp}")
+                   PATH=f"{self.python.parent}:{os.environ.get('PATH', '')}",
+                   JAVA_TOOL_OPTIONS=f"-Djava.io.tmpdir={self.tmp}", **self.env)
         self.log = open(self.dir / "stdout.log", "ab")
         self.proc = subprocess.Popen(
-            [str(VENV_BIN / "torchserve"), "--start", "--foreground", "--ncs",
+            # The launcher run by `python` rather than by its shebang, which names the python it
+            # was installed with (a path inside the aarch64 userland, for instance).
+            [str(self.python), str(self.python.parent / "torchserve"), "--start", "--foreground", "--ncs",
              "--ts-config", str(self.dir / "config.properties"), "--model-store", str(self.store)],
             cwd=self.dir, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Builds (once) an aarch64 Debian bookworm userland with the project's requirements in a venv,
+# runnable on this x86 machine under qemu user-mode emulation (what `make test-arm64` uses).
+#
+#   harness/arm64_userland.sh ROOT
+#
+# Each step is skipped when its result exists: ROOT (debootstrap, built in ROOT.partial and moved
+# into place), ROOT/opt/venv/.requirements (a copy of the requirements.txt it was installed from;
+# a changed file reinstalls). Needs root, apt and binfmt_misc: without them it says which is
+# missing in one line and exits 1.
+set -euo pipefail
+
+root="${1:?usage: $0 ROOT}"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+say() { echo "[arm64] $*"; }
+die() { echo "make test-arm64: $*" >&2; exit 1; }
+
+[ "$(uname -m)" = x86_64 ] || [ "$(uname -m)" = aarch64 ] || die "unsupported host $(uname -m)"
+if [ "$(uname -m)" = x86_64 ]; then
+  [ "$(id -u)" = 0 ] || die "needs root (debootstrap, chroot and binfmt_misc); run it with sudo"
+  command -v apt-get >/dev/null || die "needs apt-get (Debian/Ubuntu) to install qemu-user-static, binfmt-support, debootstrap"
+  if ! command -v qemu-aarch64-static >/dev/null || ! command -v debootstrap >/dev/null \
+      || ! command -v update-binfmts >/dev/null; then
+    say "installing qemu-user-static binfmt-support debootstrap (apt)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        qemu-user-static binfmt-support debootstrap >/dev/null; } || die "apt-get install qemu-user-static binfmt-support debootstrap failed"
+  fi
+  if [ ! -e /proc/sys/fs/binfmt_misc/status ]; then
+    mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc 2>/dev/null \
+      || die "binfmt_misc is not available (mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc failed; a container needs it from the host)"
+  fi
+  [ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || update-binfmts --enable qemu-aarch64 >/dev/null 2>&1 \
+    || die "binfmt for aarch64 could not be enabled (update-binfmts --enable qemu-aarch64)"
+  grep -qx enabled /proc/sys/fs/binfmt_misc/qemu-aarch64 || die "binfmt qemu-aarch64 is registered but disabled"
+fi
+
+if [ ! -x "$root/usr/bin/python3" ]; then
+  say "debootstrap: aarch64 Debian bookworm -> $root (~3-4 min)"
+  rm -rf "$root.partial"
+  mkdir -p "$(dirname "$root")"
+  start=$SECONDS
+  debootstrap --arch=arm64 --variant=minbase --include=python3,python3-venv,python3-pip,ca-certificates \
+    bookworm "$root.partial" http://deb.debian.org/debian > "$root.debootstrap.log" 2>&1 \
+    || die "debootstrap failed, see $root.debootstrap.log"
+  mv "$root.partial" "$root"
+  say "debootstrap done in $((SECONDS - start)) s"
+else
+  say "userland exists: $root"
+fi
+
+# pip in the userland needs the host's CA certificates (a proxy's CA here) and DNS.
+if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
+  cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+  chroot "$root" /usr/sbin/update-ca-certificates >/dev/null 2>&1
+fi
+cp -L /etc/resolv.conf "$root/etc/resolv.conf"
+
+if ! cmp -s "$here/requirements.txt" "$root/opt/venv/.requirements"; then
+  say "installing requirements.txt into $root/opt/venv (aarch64 pip, ~10 min)"
+  start=$SECONDS
+  cp "$here/requirements.txt" "$root/opt/requirements.txt"
+  run() { chroot "$root" /usr/bin/env -i HOME=/root PATH=/opt/venv/bin:/usr/bin:/bin LANG=C.UTF-8 "$@"; }
+  [ -x "$root/opt/venv/bin/pip" ] || run python3 -m venv /opt/venv
+  # The venv's python is a symlink to /usr/bin/python3.11; run from the host (QEMU_LD_PREFIX, no
+  # chroot) the kernel would resolve it to the host's x86 python. A copy stays aarch64.
+  for exe in "$root"/opt/venv/bin/python*; do
+    [ -L "$exe" ] && cp --remove-destination "$root/usr/bin/python3.11" "$exe"
+  done
+  run pip install --disable-pip-version-check --no-cache-dir -q -r /opt/requirements.txt \
+    || die "pip install -r requirements.txt failed in the aarch64 userland"
+  cp "$here/requirements.txt" "$root/opt/venv/.requirements"
+  say "requirements installed in $((SECONDS - start)) s"
+else
+  say "requirements up to date in $root/opt/venv"
+fi
+say "aarch64 python: $(QEMU_LD_PREFIX="$root" "$root/opt/venv/bin/python" -c 'import platform, torch; print(platform.machine(), "torch", torch.__version__)')"
