@@ -3,8 +3,9 @@
 Two servers: the shipped ddpm and sd15 archives (events, previews, a batch mixing streaming and
 ordinary requests), and a ddpm archive built by archive.sh around a test double whose UNet sleeps
 `slow_unet_s` per call, with responseTimeout 2 s (per-step limits, a request outlasting
-responseTimeout, a client that disconnects, a worker killed mid-stream). The sleeps make the
-assertions about when events arrive hold on any machine: a slower one only widens the gaps.
+responseTimeout, a client that disconnects, a worker killed mid-stream). The only clock readings
+are lower bounds the sleeps guarantee (events spread over time, a request longer than
+responseTimeout): a slower or busier machine only makes them truer.
 """
 from __future__ import annotations
 
@@ -133,12 +134,13 @@ def test_worker_killed_mid_stream_ends_the_stream(slow):
     first = [next(events), next(events)]
     assert [e["event"] for e in first] == ["progress", "progress"]
     os.kill(victim, signal.SIGKILL)
-    started = time.monotonic()
     with pytest.raises(ServerError) as ended:
         for _ in events:
             pass
-    print("stream ended with:", ended.value, f"after {time.monotonic() - started:.1f} s")
-    assert time.monotonic() - started < 60  # ended by the server, not by the client's timeout
+    print("stream ended with:", ended.value)
+    # Ended by the server (an error event, or the connection cut), not by the client's read timeout.
+    cause = ended.value.__cause__
+    assert not isinstance(cause, requests.Timeout) and "timed out" not in str(cause).lower(), cause
     slow.client.wait_ready(["ddpm_slow"], timeout=120)
     assert worker_pids(slow.client, "ddpm_slow") != [victim]
     assert slow.client.predict_raw("ddpm_slow", {"steps": 2, "seed": 1}).status_code == 200
