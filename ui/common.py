@@ -145,3 +145,14 @@ def optional_number(text: str | None, field: str, kind: type = int) -> int | flo
 def request_schema(client: TorchServeClient, model: str) -> dict:
     """The describe API's customized metadata of a model's default version."""
     return client.describe(model, customized=True)[0].get("customizedMetadata") or {}
+
+
+def schema_updates(client: TorchServeClient, model: str, scheduler, hinted: dict) -> tuple[dict, dict]:
+    """From the describe API: the scheduler dropdown's choices and default, and the range hint under
+    each input of `hinted` ({component: request field}). Returns (Gradio updates, the metadata)."""
+    meta = request_schema(client, model)
+    schema = meta.get("request_schema", {})
+    updates = {scheduler: gr.update(choices=meta.get("schedulers", []),
+                                    value=schema["properties"]["scheduler"]["default"])}
+    updates.update({component: gr.update(info=schema_hint(schema, name)) for component, name in hinted.items()})
+    return updates, meta

@@ -11,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 
 from clients.api import TorchServeClient
-from ui.common import Fields, optional_number, png, request_schema, schema_hint, streamed
+from ui.common import Fields, optional_number, png, schema_updates, streamed
 
 MODEL = "ddpm"
 # The GIFs handed to Gradio (it copies them into its cache); removed when the app exits.
@@ -44,14 +44,8 @@ def build(demo: gr.Blocks, client: TorchServeClient) -> None:
                                      elem_id="ddpm-trajectory-gif", elem_classes="pixelated", height=200)
 
     def load():
-        meta = request_schema(client, MODEL)
-        schema = meta.get("request_schema", {})
-        yield {
-            scheduler: gr.update(choices=meta.get("schedulers", []), value=schema["properties"]["scheduler"]["default"]),
-            steps: gr.update(info=schema_hint(schema, "steps")),
-            eta: gr.update(info=schema_hint(schema, "eta")),
-            num_images: gr.update(info=schema_hint(schema, "num_images")),
-        }
+        updates, _ = schema_updates(client, MODEL, scheduler, {steps: "steps", eta: "eta", num_images: "num_images"})
+        yield updates
 
     def sample(scheduler_, steps_, eta_, seed_, num_images_, trajectory_):
         payload = {"scheduler": scheduler_, "steps": steps_, "eta": optional_number(eta_, "eta", float),

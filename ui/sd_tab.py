@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from clients.api import TorchServeClient
-from ui.common import Fields, b64_png, optional_number, png, request_schema, schema_hint, streamed
+from ui.common import Fields, b64_png, optional_number, png, schema_hint, schema_updates, streamed
 
 MODEL = "sd15"
 
@@ -76,17 +76,12 @@ def build(demo: gr.Blocks, client: TorchServeClient) -> None:
                                      elem_id="sd15-gallery", elem_classes="pixelated", height="auto", preview=False)
 
     def load():
-        meta = request_schema(client, MODEL)
+        updates, meta = schema_updates(client, MODEL, scheduler, {
+            steps: "steps", guidance: "guidance_scale", num_images: "num_images", strength: "strength"})
         schema = meta.get("request_schema", {})
-        yield {
-            scheduler: gr.update(choices=meta.get("schedulers", []), value=schema["properties"]["scheduler"]["default"]),
-            steps: gr.update(info=schema_hint(schema, "steps")),
-            guidance: gr.update(info=schema_hint(schema, "guidance_scale")),
-            width: gr.update(info=schema_hint(schema, "width"), placeholder=f"native ({meta.get('native_size')})"),
-            height: gr.update(info=schema_hint(schema, "height"), placeholder=f"native ({meta.get('native_size')})"),
-            num_images: gr.update(info=schema_hint(schema, "num_images")),
-            strength: gr.update(info=schema_hint(schema, "strength")),
-        }
+        for component, name in ((width, "width"), (height, "height")):
+            updates[component] = gr.update(info=schema_hint(schema, name), placeholder=f"native ({meta.get('native_size')})")
+        yield updates
 
     def generate(prompt_, negative_, steps_, guidance_, width_, height_, scheduler_, num_images_, seed_,
                  editor_, strength_):
