@@ -73,14 +73,7 @@ def kill_worker_under_load(ts, model: str, payload, threads: int = 4, timeout: f
     time.sleep(2)
     killed_at = time.monotonic()
     os.kill(victim, signal.SIGKILL)
-    recovered = False
-    while time.monotonic() < killed_at + timeout:
-        desc = client.describe(model)
-        pids = [w["pid"] for d in desc for w in d["workers"]]
-        if victim not in pids and pids and all(w["status"] == "READY" for d in desc for w in d["workers"]):
-            recovered = True
-            break
-        time.sleep(0.5)
+    recovered = wait_replaced(client, model, victim, timeout)
     recovered_at = time.monotonic()  # without recovery: the end of the wait
     deadline = recovered_at + timeout
     while recovered and time.monotonic() < deadline and sum(c[0] > recovered_at for c in list(calls)) < after:
@@ -104,6 +97,19 @@ def kill_worker_under_load(ts, model: str, payload, threads: int = 4, timeout: f
         "hung": sum(t.is_alive() for t in workers),
         "victim_gone": victim not in worker_pids(client, model),
     }
+
+
+def wait_replaced(client, model: str, victim: int, timeout: float) -> bool:
+    """Waits until the killed worker `victim` is gone from `model`'s workers and all of them are
+    READY (right after a kill, describe may still list the dead worker as READY)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        desc = client.describe(model)
+        pids = [w["pid"] for d in desc for w in d["workers"]]
+        if victim not in pids and pids and all(w["status"] == "READY" for d in desc for w in d["workers"]):
+            return True
+        time.sleep(0.5)
+    return False
 
 
 def assert_bad_input_refused(ts, model: str, payload, field: str) -> None:

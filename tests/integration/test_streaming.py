@@ -23,7 +23,7 @@ import yaml
 from clients.api import ServerError
 from harness import REPO
 from harness.torchserve import TorchServeInstance
-from harness.traffic import worker_pids
+from harness.traffic import wait_replaced, worker_pids
 
 SLOW_UNET_S = 0.25
 RESPONSE_TIMEOUT_S = 2
@@ -141,8 +141,7 @@ def test_worker_killed_mid_stream_ends_the_stream(slow):
     # Ended by the server (an error event, or the connection cut), not by the client's read timeout.
     cause = ended.value.__cause__
     assert not isinstance(cause, requests.Timeout) and "timed out" not in str(cause).lower(), cause
-    slow.client.wait_ready(["ddpm_slow"], timeout=120)
-    assert worker_pids(slow.client, "ddpm_slow") != [victim]
+    assert wait_replaced(slow.client, "ddpm_slow", victim, timeout=120)
     assert slow.client.predict_raw("ddpm_slow", {"steps": 2, "seed": 1}).status_code == 200
 
 
