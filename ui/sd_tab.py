@@ -60,6 +60,7 @@ def build(demo: gr.Blocks, client: TorchServeClient) -> None:
                         type="pil", sources=["upload", "clipboard"], layers=False, transforms=(),
                         brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=4), eraser=gr.Eraser(),
                         elem_id="sd15-editor", height=360)
+                    mode = gr.Markdown("txt2img: no start image", elem_id="sd15-mode")
                     fields.slot("image")
                     fields.slot("mask")
                     strength = gr.Textbox(label="Strength", placeholder="0.75 img2img, 1.0 inpainting",
@@ -82,6 +83,16 @@ def build(demo: gr.Blocks, client: TorchServeClient) -> None:
         for component, name in ((width, "width"), (height, "height")):
             updates[component] = gr.update(info=schema_hint(schema, name), placeholder=f"native ({meta.get('native_size')})")
         yield updates
+
+    def describe_mode(editor_) -> str:
+        """What Generate will run with the editor as it is now (the request's `mode`)."""
+        image, mask = start_image_and_mask(editor_)
+        if image is None:
+            return "txt2img: no start image"
+        if mask is None:
+            return f"img2img from the {image.width}x{image.height} start image"
+        share = np.asarray(mask).astype(bool).mean()
+        return f"inpainting: {share:.0%} of the {image.width}x{image.height} start image is repainted"
 
     def generate(prompt_, negative_, steps_, guidance_, width_, height_, scheduler_, num_images_, seed_,
                  editor_, strength_):
@@ -109,4 +120,5 @@ def build(demo: gr.Blocks, client: TorchServeClient) -> None:
     run.click(fields.guarded(generate),
               inputs=[prompt, negative, steps, guidance, width, height, scheduler, num_images, seed, editor, strength],
               outputs=[gallery, seed_used, info, *fields.outputs])
+    editor.change(describe_mode, inputs=editor, outputs=mode, trigger_mode="always_last")
     reuse.click(lambda used: used, inputs=seed_used, outputs=seed)

@@ -15,7 +15,7 @@ import pytest
 import requests
 from PIL import Image
 from selenium import webdriver
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -117,13 +117,17 @@ class Page:
         self.until(lambda: self.driver.find_elements(By.CSS_SELECTOR, "#cam-versions input[type=checkbox]")
                    or self.text("cam-status"), timeout=60)
 
-    def until(self, condition, timeout: float = WAIT):
+    def until(self, condition, timeout: float = WAIT, message=lambda: ""):
+        """condition() once it is truthy; after `timeout` s a TimeoutException carrying message()."""
         def check(_):
             try:
                 return condition()
             except StaleElementReferenceException:  # Gradio re-rendered it meanwhile
                 return False
-        return WebDriverWait(self.driver, timeout).until(check)
+        try:
+            return WebDriverWait(self.driver, timeout).until(check)
+        except TimeoutException as timeout_:
+            raise TimeoutException(f"nothing after {timeout} s: {message()}") from timeout_
 
     def run(self, button_id: str, result_id: str, predicate, tab: str) -> str:
         """Clicks `button_id` and waits for a NEW text of `result_id` (a DOM mutation after the
@@ -137,7 +141,8 @@ class Page:
         self.click(button_id)
         status = f"{tab}-status"
         self.until(lambda: self.text(status).startswith("⚠")
-                   or (self.driver.execute_script("return window.changed") and predicate(self.text(result_id))))
+                   or (self.driver.execute_script("return window.changed") and predicate(self.text(result_id))),
+                   message=lambda: f"{result_id} shows {self.text(result_id)!r}, {status} {self.text(status)!r}")
         assert not self.text(status).startswith("⚠"), self.text(status)
         return self.text(result_id)
 

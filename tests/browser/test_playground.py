@@ -4,11 +4,13 @@ mask drawn in the page, the Models tab's management calls, errors next to the fi
 a server that is down, and the token kept out of the page."""
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 
 import numpy as np
 import requests
+from PIL import Image
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 
@@ -23,6 +25,14 @@ def digit_png(tmp_path, index: int = 3) -> tuple:
     path = tmp_path / "digit.png"
     digits.to_pil(images[test[index]], 64).save(path)
     return path, str(labels[test[index]])
+
+
+def shown_on_canvas(page, elem_id: str):
+    """The editor's canvas once it shows an image (not a blank), else None."""
+    canvases = page.driver.find_elements(By.CSS_SELECTOR, f"#{elem_id} canvas")
+    if canvases and np.asarray(Image.open(io.BytesIO(canvases[-1].screenshot_as_png)).convert("L")).std() > 50:
+        return canvases[-1]
+    return None
 
 
 def test_classify_shows_label_overlay_map_for_two_versions(page, server, tmp_path):
@@ -98,7 +108,9 @@ def test_inpainting_mask_drawn_in_the_page_is_sent(page, tmp_path):
     page.fill("sd15-prompt", "a blue handwritten 1")
     page.click("sd15-img2img")  # opens the accordion
     page.upload("sd15-editor", path)
-    canvas = page.until(lambda: page.driver.find_elements(By.CSS_SELECTOR, "#sd15-editor canvas"))[-1]
+    # Strokes made before the editor shows the image are lost (and on a busy machine the upload's
+    # own change event can carry no background): paint once the digit is on the canvas.
+    canvas = page.until(lambda: shown_on_canvas(page, "sd15-editor"))
     page.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
     stroke = ActionChains(page.driver)
     for x in range(-60, 61, 20):  # vertical strokes side by side: most of the digit is repainted
@@ -107,7 +119,12 @@ def test_inpainting_mask_drawn_in_the_page_is_sent(page, tmp_path):
             stroke.move_by_offset(0, 40)
         stroke.release()
     stroke.perform()
-    info = page.run("sd15-run", "sd15-info", lambda text: text.startswith(("inpaint", "img2img")), "sd15")
+    # The editor hands its value to the app asynchronously: Generate is clicked once the app has
+    # seen the painted mask.
+    page.until(lambda: page.text("sd15-mode").startswith("inpainting"),
+               message=lambda: f"sd15-mode shows {page.text('sd15-mode')!r}")
+    assert "64x64" in page.text("sd15-mode")
+    info = page.run("sd15-run", "sd15-info", lambda text: text.startswith(("txt2img", "img2img", "inpaint")), "sd15")
     page.screenshot("sd15-inpaint")
     assert info.startswith("inpaint") and "64x64" in info
 
