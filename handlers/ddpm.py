@@ -7,8 +7,9 @@ request has its own torch.Generator for its initial noise and the per-step noise
 request gives the same image alone or inside a batch.
 
 Step-level (continuous) batching, when the model config says `continuousBatching: true`: each
-handle() call is ONE denoising step of every request in flight, whatever its steps, scheduler and
-eta. Each request keeps its own sample, scheduler instance and generator in `self.flights` (keyed
+handle() call runs denoising steps of every request in flight, whatever its steps, scheduler and
+eta, for one time slice (`step_slice_ms`: at least one step; the slice ends early when a request
+finishes). Each request keeps its own sample, scheduler instance and generator in `self.flights` (keyed
 by TorchServe's request id: the worker sends unfinished requests back with an empty body, at
 other indexes); new requests join at the next step, finished ones are answered at once (see
 `step_batch`).
@@ -21,6 +22,7 @@ import io
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import torch
@@ -60,6 +62,13 @@ class DdpmHandler(BatchedHandler):
         # Step-level batching: TorchServe's continuous batching hands every unfinished request
         # back at each call; state of the requests in flight, by request id.
         self.step_level = bool(context.model_yaml_config.get("continuousBatching"))
+        # Steps per handle() call: one call's frontend round trip per slice, not per step.
+        self.step_slice_s = float(self.config["step_slice_ms"]) / 1000 if self.step_level else 0.0
+        # UNet calls of one step in parallel Python threads (torch releases the GIL), each on its
+        # own requests with one intra-op thread: the worker's cores without OpenMP's spinning
+        # barriers, which collapse when another process holds a core (README "Step-level batching").
+        self.lane_count = int(self.config["unet_lanes"]) if self.step_level else 1
+        self.lanes = ThreadPoolExecutor(self.lane_count, thread_name_prefix="unet-lane") if self.lane_count > 1 else None
         self.flights: dict[str, SimpleNamespace] = {}
         self.initialized = True
         logger.info("ddpm: %s images, %s schedule, budget %.0f image-steps per batch on %s",
@@ -139,9 +148,10 @@ class DdpmHandler(BatchedHandler):
 
     # step-level batching ------------------------------------------------------------------
     def step_batch(self, data: list) -> list:
-        """One call of TorchServe's continuous batching: admit the new requests, run ONE UNet
-        call over the images of every request in flight (each at its own timestep), step each
-        request's own scheduler, and return one message per request: b"" (the request stays,
+        """One call of TorchServe's continuous batching: admit the new requests, then run steps
+        of every request in flight (one UNet call over all their images, each at its own
+        timestep, then each request's own scheduler.step) until `step_slice_s` has passed or a
+        request has finished, and return one message per request: b"" (the request stays,
         `stopping_criteria` False) until its last step, then its full response body (True; None
         when it ends in its first call, so TorchServe sends an ordinary response)."""
         ctx = self.context
@@ -162,8 +172,13 @@ class DdpmHandler(BatchedHandler):
                 logger.exception("ddpm: admitting request %s failed", rid)
                 outcomes[idx] = Outcome(error=RequestError(None, f"internal error: {type(exc).__name__}: {exc}", 500))
         active = [(idx, self.flights[rid]) for idx, rid in enumerate(ids) if rid in self.flights]
+        flights = [f for _, f in active]
+        sliced = time.monotonic()
         try:
-            self.step_flights([f for _, f in active])
+            while flights:
+                self.step_flights(flights)
+                if any(f.done for f in flights) or time.monotonic() - sliced >= self.step_slice_s:
+                    break
         except Exception as exc:  # noqa: BLE001 - reported to every request of this step
             logger.exception("ddpm: step of %d requests failed", len(active))
             err = RequestError(None, f"internal error: {type(exc).__name__}: {exc}", status=500)
@@ -206,13 +221,8 @@ class DdpmHandler(BatchedHandler):
 
     @staticmethod
     def flight_events(f: SimpleNamespace) -> bytes:
-        """A streaming request's message of this step: progress, and its preview when due."""
-        elapsed = time.monotonic() - f.started
-        total = len(f.scheduler.timesteps)
-        events = [progress_event(f.k, total, elapsed, elapsed)]
-        if f.preview is not None:
-            events.append({"event": "preview", "step": f.k, "total": total,
-                           "images": [b64_png(p) for p in f.preview]})
+        """A streaming request's message of this call: the events of its steps in the call."""
+        events, f.events = f.events, []
         return ndjson(events)
 
     def take_off(self, pending: Pending) -> SimpleNamespace:
@@ -223,30 +233,59 @@ class DdpmHandler(BatchedHandler):
         return SimpleNamespace(pending=pending, scheduler=scheduler, x=x, k=0, step_kwargs=step_kwargs,
                                keep=keep if req.trajectory else set(), frames={0: []} if req.trajectory else {},
                                png_response=pending.png and not req.trajectory, done=False,
-                               started=time.monotonic(), preview=None)
+                               started=time.monotonic(), events=[])
 
     def step_flights(self, flights: list[SimpleNamespace]) -> None:
-        """One denoising step of every flight: one UNet call with a (B,) timestep tensor."""
+        """One denoising step of every flight: a UNet call with a (B,) timestep tensor per lane
+        (the flights split at request boundaries, so a request alone is one call), then each
+        flight's own scheduler.step."""
         if not flights:
             return
         ts = [f.scheduler.timesteps[f.k] for f in flights]
-        # As run_group: scale_model_input and step outside inference mode, the UNet inside it.
-        inputs = torch.cat([f.scheduler.scale_model_input(f.x, t) for f, t in zip(flights, ts)])
-        tvec = torch.cat([t.reshape(1).expand(len(f.x)).float() for f, t in zip(flights, ts)]).to(self.device)
-        with torch.inference_mode():
-            eps_all = self.unet(inputs, tvec).sample
-        start = 0
-        for f, t in zip(flights, ts):
-            eps = eps_all[start : start + len(f.x)]
-            start += len(f.x)
+
+        def unet_call(members: list[int]) -> torch.Tensor:
+            # As run_group: scale_model_input outside inference mode, the UNet inside it.
+            inputs = torch.cat([flights[i].scheduler.scale_model_input(flights[i].x, ts[i]) for i in members])
+            tvec = torch.cat([ts[i].reshape(1).expand(len(flights[i].x)).float() for i in members]).to(self.device)
+            with torch.inference_mode():
+                return self.unet(inputs, tvec).sample
+
+        lanes = self.lane_members(flights)
+        outs = list(self.lanes.map(unet_call, lanes)) if len(lanes) > 1 else [unet_call(lanes[0])]
+        eps_of = {}
+        for members, eps_all in zip(lanes, outs):
+            start = 0
+            for i in members:
+                eps_of[i] = eps_all[start : start + len(flights[i].x)]
+                start += len(flights[i].x)
+        for i, (f, t) in enumerate(zip(flights, ts)):
+            eps = eps_of[i]
             if f.k in f.keep:
                 f.frames[0].append(predicted_x0(f.scheduler, f.x, eps, t)[0:1].float())
-            params = f.pending.params
-            due = streaming(params) and wants_preview(params, f.k + 1, len(f.scheduler.timesteps))
-            f.preview = x0_images(predicted_x0(f.scheduler, f.x, eps, t)) if due else None
+            params, total = f.pending.params, len(f.scheduler.timesteps)
+            preview = (x0_images(predicted_x0(f.scheduler, f.x, eps, t))
+                       if streaming(params) and wants_preview(params, f.k + 1, total) else None)
             f.x = f.scheduler.step(eps, t, f.x, **f.step_kwargs).prev_sample
             f.k += 1
-            f.done = f.k == len(f.scheduler.timesteps)
+            f.done = f.k == total
+            if streaming(params):  # this step's progress, and its preview when due
+                elapsed = time.monotonic() - f.started
+                f.events.append(progress_event(f.k, total, elapsed, elapsed))
+                if preview is not None:
+                    f.events.append({"event": "preview", "step": f.k, "total": total,
+                                     "images": [b64_png(p) for p in preview]})
+
+    def lane_members(self, flights: list[SimpleNamespace]) -> list[list[int]]:
+        """Flight indexes per UNet lane, balanced by image count (each flight to the lane with the
+        fewest images so far); one lane with one flight."""
+        n = min(self.lane_count, len(flights))
+        lanes: list[list[int]] = [[] for _ in range(n)]
+        images = [0] * n
+        for i, f in enumerate(flights):
+            lane = images.index(min(images))
+            lanes[lane].append(i)
+            images[lane] += len(f.x)
+        return lanes
 
     @staticmethod
     def finish(f: SimpleNamespace) -> list:

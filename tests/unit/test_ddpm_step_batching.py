@@ -14,9 +14,11 @@ import base64
 import io
 import json
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 from ts.protocol.otf_message_handler import create_predict_response
@@ -114,11 +116,17 @@ def assert_same_response(step_body: bytes | str, static_body: bytes | str) -> No
 @pytest.fixture(scope="module")
 def handlers(tmp_path_factory):
     """(static handler, its context), (step-level handler, its context): the same tiny UNet with
-    the shipped `cpu` and `cpu-step` model configs."""
+    the shipped `cpu` and `cpu-step` model configs; the step-level one with a zero time slice
+    (`step_slice_ms: 0`: exactly one step per call, whatever the machine's speed)."""
     root = tmp_path_factory.mktemp("ddpm-step")
     weights = tiny_pipeline(root / "weights")
-    return [load_handler(DdpmHandler, "ddpm", unpack(root / target, "ddpm", weights, target), target)
+    pair = [load_handler(DdpmHandler, "ddpm", unpack(root / target, "ddpm", weights, target), target)
             for target in ("cpu", "cpu-step")]
+    step = pair[1][0]
+    assert step.step_slice_s == yaml.safe_load((REPO / "model_configs/ddpm/cpu-step.yaml").read_text()
+                                               )["handler"]["step_slice_ms"] / 1000 > 0
+    step.step_slice_s = 0.0
+    return pair
 
 
 def static_alone(handlers, body, headers=None):
@@ -141,6 +149,16 @@ MIXED = [  # every scheduler, different steps, eta and num_images
 def test_handler_knows_its_mode(handlers):
     (static, _), (step, _) = handlers
     assert static.step_level is False and step.step_level is True
+    assert (static.lane_count, step.lane_count) == (1, 2)  # unet_lanes of cpu-step.yaml
+
+
+def test_lanes_split_requests_balanced_by_images(handlers):
+    """A step's UNet calls: requests (never their images) spread over the lanes, the fewest
+    images first; a request alone is one call, as in the static path."""
+    _, (step, _) = handlers
+    flights = [SimpleNamespace(x=torch.zeros(n, 1, 2, 2)) for n in (4, 1, 1, 1, 2, 3)]
+    assert step.lane_members(flights) == [[0, 5], [1, 2, 3, 4]]  # 7 and 5 images
+    assert step.lane_members(flights[:1]) == [[0]]
 
 
 @pytest.mark.parametrize("scheduler", list(SCHEDULERS))
@@ -213,6 +231,34 @@ def test_one_step_request_gets_an_ordinary_response(handlers):
     assert (one.status, one.calls, one.streamed) == (200, 1, False)  # stopping criterion None
     assert one.body == static_alone(handlers, {"steps": 1, "seed": 1})[0].encode()
     assert worker.answers["slow"].streamed
+
+
+def test_a_time_slice_runs_steps_until_a_request_finishes(handlers, monkeypatch):
+    """With a slice longer than any loop here, each call runs steps until one of its requests has
+    finished; that one is answered in the same call (at once), the others continue in the next.
+    The answers are those of one step per call (the same per-request state, stepped alike)."""
+    _, (step, ctx) = handlers
+    monkeypatch.setattr(step, "step_slice_s", 3600.0)
+    worker = ContinuousWorker(step, ctx, batch_size=16)
+    for rid, body in MIXED:
+        worker.submit(rid, body)
+    worker.drain()
+    finish = sorted({body["steps"] for _, body in MIXED})  # 4, 5, 6, 7, 8, 9: one call per finish
+    assert worker.calls == len(finish)
+    for rid, body in MIXED:
+        ans = worker.answers[rid]
+        assert ans.status == 200 and ans.calls == finish.index(body["steps"]) + 1
+        assert_same_response(ans.body, static_alone(handlers, body)[0])
+    streamed = ContinuousWorker(step, ctx, batch_size=16)
+    streamed.submit("s", {"steps": 6, "seed": 1, "stream": True, "preview_every": 2})
+    streamed.submit("short", {"steps": 2, "seed": 1})
+    streamed.drain()
+    events = [json.loads(line) for line in streamed.answers["s"].body.decode().splitlines()]
+    assert streamed.answers["s"].calls == 2  # steps 1-2 with "short", then 3-6
+    assert [e["step"] for e in events if e["event"] == "progress"] == [1, 2, 3, 4, 5, 6]  # every step's event
+    assert [e["step"] for e in events if e["event"] == "preview"] == [2, 4]
+    assert events[-1]["event"] == "result"
+    assert step.flights == {}
 
 
 def test_png_and_trajectory_match_static(handlers):
