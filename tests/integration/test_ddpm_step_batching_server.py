@@ -107,9 +107,10 @@ def test_streaming_client_gets_only_the_final_body(server):
 
 
 def test_streaming_request_gets_one_event_per_step(server):
-    """Under step-level batching every handle() call is one step: a `"stream": true` request gets
-    that step's progress event (and previews) as the call's message, and last the static server's
-    response to the same request; an ordinary request in flight with it still gets only its body."""
+    """Under step-level batching every handle() call runs one or more steps (a time slice): a
+    `"stream": true` request gets each step's progress event (and previews) in the call's message,
+    and last the static server's response to the same request; an ordinary request in flight with
+    it still gets only its body."""
     payload = {"steps": 12, "seed": 8, "num_images": 2, "scheduler": "dpm++"}
     with ThreadPoolExecutor(1) as pool:
         ordinary = pool.submit(server.client.predict_raw, "ddpm_step", {"steps": 20, "seed": 9})
