@@ -38,6 +38,7 @@ def shown_on_canvas(page, elem_id: str):
 def test_classify_shows_label_overlay_map_for_two_versions(page, server, tmp_path):
     path, label = digit_png(tmp_path)
     page.upload("cam-image", path)
+    page.until(lambda: page.driver.find_elements(By.CSS_SELECTOR, "#cam-image img"))  # uploaded, shown
     page.driver.find_element(By.XPATH, "//*[@id='cam-versions']//label[contains(., '2.0')]").click()
     page.run("cam-run", "cam-title-1", lambda text: "cam 2.0" in text, "cam")
     assert page.text("cam-title-0").startswith(f"cam 1.0: {label} (")
