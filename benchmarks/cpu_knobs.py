@@ -9,8 +9,11 @@ What is timed: cam, the classifier forward on a batch of 8 preprocessed held-out
 work of its default `gradcam` path); ddpm, one UNet call on 8 images; sd15, one guided UNet call
 (batch 2) on 64x64 latents (512x512 for SD1.5's layout). Each variant is timed in alternating
 rounds against the fp32 baseline; a figure is the median of per-round speedups. Quality: cam
-top-1 accuracy on 500 held-out digits per variant; ddpm / sd15 the largest relative error of the
-UNet output against fp32 (a bf16 / compiled output that drifts is a quality change).
+top-1 accuracy on the held-out digits not used for int8 calibration (160) per variant, and for the variants that run the handler's
+own CAM path (channels_last, bf16 autocast) the largest difference of its normalised CAM maps from
+fp32's, judged against the cam contract's 1e-4 (tests/support/cam_contract.py); ddpm / sd15 the
+largest relative error of the UNet output against fp32 (a bf16 / compiled output that drifts is
+a quality change).
 """
 from __future__ import annotations
 
@@ -78,8 +81,9 @@ def cam_knobs() -> dict:
     images, labels = digits.load_arrays()
     _, test = digits.split_indices()
     prep = preprocess(read_config(demo_weights("cam")))
-    held_out = torch.stack([prep(digits.to_pil(images[i], 64)) for i in test[:500]])
-    truth = torch.as_tensor(labels[test[:500]])
+    held_out = torch.stack([prep(digits.to_pil(images[i], 64)) for i in test])
+    truth = torch.as_tensor(labels[test])
+    judged = len(test) - 200  # the first 200 calibrate int8
     batch = held_out[:8]
     model = handler.model.eval()
     cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
@@ -104,8 +108,17 @@ def cam_knobs() -> dict:
         speed, compile_s = speedups({k: (lambda f=f: f(batch)) for k, f in forwards.items()})
         accuracy = {k: round(float((f(held_out[200:]).argmax(1) == truth[200:]).float().mean()), 4)
                     for k, f in forwards.items()}
-    return {"speedup": speed, "quality": accuracy, "quality_metric": "top-1 accuracy, 300 held-out digits",
-            "first_call_s": {k: round(v, 2) for k, v in compile_s.items()}}
+        # The CAM maps as the handler makes them (fast_cam), for the variants that can run it.
+        _, _, maps = handler.fast_cam(held_out[200:], [None] * judged)
+        extractor = handler.extractor
+        handler.extractor = copy.deepcopy(extractor).to(memory_format=torch.channels_last)
+        cl_maps = handler.fast_cam(held_out[200:].contiguous(memory_format=torch.channels_last), [None] * judged)[2]
+        handler.extractor = extractor
+        bf16_maps = autocast(lambda: handler.fast_cam(held_out[200:], [None] * judged))()[2]
+    map_error = {"baseline": 0.0, "channels_last": round(float((cl_maps - maps).abs().max()), 5),
+                 "bf16_autocast": round(float((bf16_maps - maps).abs().max()), 5)}
+    return {"speedup": speed, "quality": accuracy, "quality_metric": f"top-1 accuracy, {judged} held-out digits",
+            "cam_map_error": map_error, "first_call_s": {k: round(v, 2) for k, v in compile_s.items()}}
 
 
 def diffusion_knobs(unet: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
@@ -149,18 +162,24 @@ def report(results: dict) -> str:
              f"at >= {SPEEDUP_TO_ADOPT}x with no quality loss (`python -m benchmarks.cpu_knobs`).", ""]
     for model in ("cam", "ddpm", "sd15"):
         r = results[model]
-        lines += [f"## {model}", "", f"| variant | speedup | {r['quality_metric']} | first call (s) | meets the bar |",
-                  "|---|---|---|---|---|"]
+        maps = r.get("cam_map_error")
+        map_col = " CAM map max abs error vs fp32 (contract 1e-4) |" if maps is not None else ""
+        lines += [f"## {model}", "", f"| variant | speedup | {r['quality_metric']} |{map_col} first call (s) | meets the bar |",
+                  "|---|---|---|---|---|" + ("---|" if maps is not None else "")]
         base_q = r["quality"]["baseline"]
         for name, s in r["speedup"].items():
             q = r["quality"][name]
             same = q >= base_q - 0.005 if model == "cam" else q <= 1e-3
+            if maps is not None:  # a cam variant keeps its CAM maps within the contract, or is not measured
+                same = same and maps.get(name, 1.0) <= 1e-4
+            map_cell = f" {maps.get(name, 'not measured (no float CAM path)')} |" if maps is not None else ""
             meets = name != "baseline" and s >= SPEEDUP_TO_ADOPT and same
-            lines.append(f"| {name} | {s} | {q} | {r['first_call_s'][name]} | {'yes' if meets else 'no'} |")
+            lines.append(f"| {name} | {s} | {q} |{map_cell} {r['first_call_s'][name]} | {'yes' if meets else 'no'} |")
         lines.append("")
     lines += ["Meeting the bar is not yet adoption: torch.compile's first call is paid again for every new",
-              "input shape (TorchServe batches vary in size), and cam's int8 / bf16 paths must also keep its",
-              "CAM maps within the contract (tests/support/cam_contract.py), not only its top-1. See README,",
+              "input shape (TorchServe batches vary in size). For cam the bar includes its CAM maps: within the",
+              "contract (tests/support/cam_contract.py, 1e-4) of fp32's, not only the top-1; int8 and compile",
+              "have no float CAM path here (their maps are not measured, so they do not meet it). See README,",
               "\"CPU speed knobs\", for what each config uses.", ""]
     return "\n".join(lines)
 
