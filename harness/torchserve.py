@@ -7,6 +7,7 @@ archives) and its own model store holding links to archives built by archive.sh.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -20,6 +21,15 @@ from clients.api import TorchServeClient
 from harness import REPO
 
 VENV_BIN = REPO / ".venv" / "bin"
+
+
+def key_file_written(path: Path) -> bool:
+    """TorchServe's key_file.json exists and is complete: it is created empty, then written (a
+    reader in between gets '')."""
+    try:
+        return bool(json.loads(Path(path).read_text()))
+    except (FileNotFoundError, ValueError):
+        return False
 
 
 def free_port() -> int:
@@ -122,7 +132,7 @@ class TorchServeInstance:
 
     def _wait_for_keys(self) -> None:
         deadline = time.monotonic() + 120
-        while not (self.dir / "key_file.json").is_file():
+        while not key_file_written(self.dir / "key_file.json"):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"TorchServe exited with {self.proc.returncode}:\n{self.output()}")
             if time.monotonic() > deadline:

@@ -23,6 +23,7 @@ import yaml
 from clients.api import TorchServeClient
 from harness import REPO
 from harness.inprocess import png_bytes
+from harness.torchserve import key_file_written
 from weights import digits
 
 ACTIVATE = REPO / ".venv" / "bin" / "activate"
@@ -94,7 +95,7 @@ def test_plain_torchserve_start_serves_the_store(tmp_path):
     try:
         assert shell(root, env, "torchserve --start", log, 120) == 0, log.read_text()[-3000:]
         deadline = time.monotonic() + 120
-        while not (root / "key_file.json").is_file():
+        while not key_file_written(root / "key_file.json"):
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
         client = TorchServeClient(props["inference_address"], props["management_address"],
