@@ -11,11 +11,12 @@ import subprocess
 import numpy as np
 import requests
 from PIL import Image
+from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 
 from harness.torchserve import free_port
-from tests.browser.conftest import UI_PYTHON, Page, running_app
+from tests.browser.conftest import UI_PYTHON, WAIT, Page, running_app
 from weights import digits
 
 
@@ -108,10 +109,18 @@ def test_inpainting_mask_drawn_in_the_page_is_sent(page, tmp_path):
     page.tab("Stable Diffusion")
     page.fill("sd15-prompt", "a blue handwritten 1")
     page.click("sd15-img2img")  # opens the accordion
-    page.upload("sd15-editor", path)
     # Strokes made before the editor shows the image are lost (and on a busy machine the upload's
-    # own change event can carry no background): paint once the digit is on the canvas.
-    canvas = page.until(lambda: shown_on_canvas(page, "sd15-editor"))
+    # own change event can carry no background): paint once the digit is on the canvas. An upload
+    # the editor never shows is sent again, as a user would (README, "Web playground").
+    canvas = None
+    for _ in range(3):
+        page.upload("sd15-editor", path)
+        try:
+            canvas = page.until(lambda: shown_on_canvas(page, "sd15-editor"), timeout=WAIT / 3)
+            break
+        except TimeoutException:
+            continue
+    assert canvas is not None, f"the editor never showed the uploaded image (mode line: {page.text('sd15-mode')!r})"
     page.driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", canvas)
     stroke = ActionChains(page.driver)
     for x in range(-60, 61, 20):  # vertical strokes side by side: most of the digit is repainted
