@@ -32,7 +32,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from handlers.common import (JSON_TYPE, PNG_TYPE, BatchedHandler, Group, Outcome, Pending, streaming)
 from handlers.ddpm_request import SCHEDULERS, DdpmRequest
 from handlers.errors import RequestError, set_error_status
-from handlers.streaming import BatchStreams, NDJSON_TYPE, ndjson, progress_event, seconds_per_call, wants_preview
+from handlers.streaming import (BatchStreams, NDJSON_TYPE, ndjson, preview_event, progress_event, seconds_per_call,
+                                wants_preview)
 from handlers.images import b64_png, encode_png, tensor_to_pil
 
 logger = logging.getLogger(__name__)
@@ -272,8 +273,7 @@ class DdpmHandler(BatchedHandler):
                 elapsed = time.monotonic() - f.started
                 f.events.append(progress_event(f.k, total, elapsed, elapsed))
                 if preview is not None:
-                    f.events.append({"event": "preview", "step": f.k, "total": total,
-                                     "images": [b64_png(p) for p in preview]})
+                    f.events.append(preview_event(f.k, total, preview))
 
     def lane_members(self, flights: list[SimpleNamespace]) -> list[list[int]]:
         """Flight indexes per UNet lane, balanced by image count (each flight to the lane with the

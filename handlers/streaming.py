@@ -43,6 +43,11 @@ def progress_event(step: int, total: int, elapsed_s: float, step_elapsed_s: floa
             "eta_s": None if eta is None else round(eta, 3)}
 
 
+def preview_event(step: int, total: int, pils: list) -> dict:
+    """The images of a preview as PNGs (base64)."""
+    return {"event": "preview", "step": step, "total": total, "images": [b64_png(p) for p in pils]}
+
+
 def result_event(response) -> dict:
     return {"event": "result", "response": response}
 
@@ -120,8 +125,7 @@ class BatchStreams:
         if due:
             pils = iter(previews([i for ids in due.values() for i in ids]))
             for idx, ids in due.items():
-                images = [b64_png(next(pils)) for _ in ids]
-                messages[idx].append({"event": "preview", "step": step, "total": self.totals[idx], "images": images})
+                messages[idx].append(preview_event(step, self.totals[idx], [next(pils) for _ in ids]))
         self.send(messages)
 
     def send(self, messages: dict[int, list[dict]]) -> None:
