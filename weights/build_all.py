@@ -1,7 +1,7 @@
 """Makes sure every model has a weights directory for a profile (what `make weights` runs).
 
 demo: builds what is missing under weights/demo/ (cam is trained here in ~1.5 min; the ddpm and
-sd15 demo weights are committed because training takes ~15 and ~45 minutes, see
+sd15 demo weights are committed because training takes ~15 and ~18 minutes, see
 weights/train_ddpm_demo.py and weights/train_sd15_demo.py), plus `sd15-smoke`, the tiny random
 Stable Diffusion pipeline the unit tests use for the handler's mechanics.
 pretrained: prepares weights/pretrained/ from local files (cam: the torchvision ResNet-50 file),

@@ -406,8 +406,9 @@ def main(argv=None) -> int:
             f"{training.get('vae_roundtrip_mae_255')}/255 mean abs after phase 1 (the decoder fine-tuning of phase 4 "
             f"ends at loss {training.get('decoder_final_loss')}), scaling factor {training.get('vae_scaling_factor')}",
             f"- denoiser: final loss {training.get('final_loss')} ({training.get('final_loss_note')})",
-            f"- training wall time {training.get('wall_time_s')} s ({training.get('times_s')}), CPU time "
-            f"{training.get('cpu_time_s')} s for phases 1-3, load average at start/end "
+            f"- training: {training.get('settings', {}).get('steps')} UNet + text encoder steps, wall time "
+            f"{training.get('wall_time_s')} s ({training.get('times_s')}; phase 4 in a second process alongside "
+            f"phase 3), CPU time {training.get('cpu_time_s')} s for phases 1-3, load average at start/end "
             f"{training.get('machine', {}).get('load_avg_1min_start_end')}",
         ]
     lines += ["", "Evaluation time per check (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), ""]

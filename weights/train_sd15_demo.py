@@ -70,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decoder-lr", type=float, default=1e-3)
     p.add_argument("--decoder-splice-share", type=float, default=0.9, help="share of spliced latents per batch")
     # text encoder + UNet
-    p.add_argument("--steps", type=int, default=5000)
+    p.add_argument("--steps", type=int, default=3500)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup-steps", type=int, default=300)
