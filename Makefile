@@ -105,7 +105,7 @@ ARM64_ROOT ?= $(CURDIR)/.arm64/rootfs
 ARM64_UNIT ?= tests/unit/test_cam_handler.py tests/unit/test_ddpm_handler.py tests/unit/test_sd15_handler.py
 test-arm64: weights
 	harness/arm64_userland.sh $(ARM64_ROOT)
-	./archive.sh --profile demo --target arm64 --store model_store/arm64
+	./archive.sh --profile demo --target arm64 --store .arm64/model_store
 	@if [ -n "$(strip $(ARM64_UNIT))" ]; then \
 	  echo "[arm64] unit tests on aarch64: $(ARM64_UNIT)"; \
 	  ARM64_ROOT=$(ARM64_ROOT) $(PY) -m harness.arm64 -c 'import platform; print("[arm64] pytest runs on", platform.machine())' && \

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from harness import REPO
 
-STORE = REPO / "model_store" / "arm64"  # archives built with --target arm64 (make test-arm64)
+STORE = REPO / ".arm64" / "model_store"  # archives built with --target arm64 (make test-arm64); not under model_store/, which `torchserve --start` serves whole
 
 
 def root() -> Path | None:
