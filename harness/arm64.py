@@ -12,7 +12,9 @@ from pathlib import Path
 
 from harness import REPO
 
-STORE = REPO / ".arm64" / "model_store"  # archives built with --target arm64 (make test-arm64); not under model_store/, which `torchserve --start` serves whole
+# archives built with --target arm64 (make test-arm64); not under model_store/, which
+# `torchserve --start` serves whole
+STORE = REPO / ".arm64" / "model_store"
 
 
 def root() -> Path | None:

@@ -253,13 +253,12 @@ def finetune_decoder(vae, gray: np.ndarray, args, gen: torch.Generator) -> dict:
     return {"decoder_final_loss": round(float(np.mean(recent)), 5)}
 
 
-def finetune_decoder_process(vae, gray: np.ndarray, args, seed: int) -> tuple[dict, dict, float]:
-    """Phase 4 in a worker process: (decoder + post_quant_conv weights, info, seconds)."""
+def finetune_decoder_process(vae, gray: np.ndarray, args, seed: int) -> tuple:
+    """Phase 4 in a worker process: (the VAE with its fine-tuned decoder, info, seconds)."""
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     info = finetune_decoder(vae, gray, args, torch.Generator().manual_seed(seed))
-    state = {k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
-    return state, info, time.perf_counter() - t0
+    return vae, info, time.perf_counter() - t0
 
 
 # phase 2: latents -----------------------------------------------------------------------------
@@ -389,9 +388,8 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         info.update(train_denoiser(comps["text_encoder"], comps["unet"], latents, comps["tokenizer"], args, gen))
         times["unet_text_s"] = round(time.perf_counter() - t0, 1)
-        decoder_state, decoder_info, decoder_s = decoder_job.result()
-    loaded = comps["vae"].load_state_dict(decoder_state, strict=False)
-    assert not loaded.unexpected_keys and len(loaded.missing_keys) == len(comps["vae"].state_dict()) - len(decoder_state)
+        # the encoder comes back as it went (phase 4 trains only the decoder)
+        comps["vae"], decoder_info, decoder_s = decoder_job.result()
     info.update(decoder_info)
     times["decoder_s_in_parallel"] = round(decoder_s, 1)
     wall, cpu = time.perf_counter() - t_start, time.process_time() - cpu_start
