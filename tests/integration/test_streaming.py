@@ -45,7 +45,7 @@ def slow(tmp_path_factory):
     configs = tmp_path_factory.mktemp("slow-configs")
     cfg = yaml.safe_load((REPO / "model_configs/ddpm/cpu.yaml").read_text())
     cfg.update(minWorkers=1, maxWorkers=1, batchSize=2, maxBatchDelay=1500, responseTimeout=RESPONSE_TIMEOUT_S)
-    cfg["handler"]["slow_unet_s"] = SLOW_UNET_S
+    cfg["handler"].update(slow_unet_s=SLOW_UNET_S, torchscript=False)
     (configs / "ddpm").mkdir()
     (configs / "ddpm" / "slow.yaml").write_text(yaml.safe_dump(cfg))
     store = tmp_path_factory.mktemp("slow-store")

@@ -1,5 +1,5 @@
 """Test double: the ddpm handler with a UNet that sleeps `slow_unet_s` (model config, `handler:`)
-before every call, so a test can make a request outlast TorchServe's responseTimeout on any
+before every call (`torchscript: false`: tracing would drop the sleep), so a test can make a request outlast TorchServe's responseTimeout on any
 machine. Archived with `archive.sh --handler tests/support/slow_ddpm.py`; the worker measures
 the slowed UNet at load like any other (handlers/streaming.py StepClock)."""
 from __future__ import annotations
@@ -11,6 +11,8 @@ from handlers.ddpm import DdpmHandler
 
 class SlowUnetDdpmHandler(DdpmHandler):
     def load_unet(self, wdir: str):
+        if self.config["torchscript"]:
+            raise ValueError("slow_ddpm needs torchscript: false (a traced UNet would not keep the sleep)")
         unet = super().load_unet(wdir)
         delay = float(self.config["slow_unet_s"])
         forward = unet.forward

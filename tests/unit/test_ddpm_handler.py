@@ -9,11 +9,13 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
 
 from handlers.ddpm import DdpmHandler
 from handlers.ddpm_request import SCHEDULERS
+from handlers.torchscript import FrozenUNet
 from harness.bad_inputs import ddpm_cases
 from harness.context import run_batch
 from harness.inprocess import demo_weights, load_handler, unpack
@@ -165,3 +167,31 @@ def test_demo_model_seed_holds_over_default_steps(ddpm_handler):
         batch = run_batch(handler, ctx, [{"body": {"steps": 50, "seed": s, **extra}} for s in range(3)] + [req])
         for a, b in zip(images_of(alone), images_of(batch[3])):
             assert np.abs(a - b).max() <= 1, extra
+
+
+def test_torchscript_unet_gives_the_eager_images(ddpm_handler, tmp_path):
+    """cpu.yaml's `torchscript: true` (handlers/torchscript.py) changes speed, not answers: the
+    frozen graph's noise predictions equal the eager UNet's at any batch size (64+ takes the
+    traced branch of a layout-only `if`), and the demo model's seeded 50-step requests come out
+    the same with the knob off, for every scheduler."""
+    handler, ctx = ddpm_handler
+    assert isinstance(handler.denoise, FrozenUNet)  # the shipped cpu config turns it on
+    model_dir = unpack(tmp_path / "eager", "ddpm", demo_weights("ddpm"))
+    config = yaml.safe_load((model_dir / "cpu.yaml").read_text())
+    config["handler"]["torchscript"] = False
+    (model_dir / "cpu.yaml").write_text(yaml.safe_dump(config))
+    eager, eager_ctx = load_handler(DdpmHandler, "ddpm", model_dir)
+    assert not isinstance(eager.denoise, FrozenUNet)
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for batch in (1, 3, 70):
+            x = torch.randn((batch, *handler.shape), generator=gen)
+            t = torch.randint(0, 1000, (batch,), generator=gen)
+            assert torch.allclose(handler.denoise(x, t), eager.denoise(x, t), atol=1e-5), batch
+            assert torch.allclose(handler.denoise(x, t[0]), eager.denoise(x, t[0]), atol=1e-5), batch  # scalar t
+    for scheduler in SCHEDULERS:
+        req = [{"body": {"steps": 50, "seed": 5, "num_images": 2, "scheduler": scheduler}}]
+        (frozen,) = run_batch(handler, ctx, req)
+        (plain,) = run_batch(eager, eager_ctx, req)
+        for a, b in zip(images_of(frozen), images_of(plain)):
+            assert np.abs(a - b).max() <= 1, scheduler
