@@ -21,6 +21,7 @@ import inspect
 import io
 import json
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -180,12 +181,9 @@ class DdpmHandler(BatchedHandler):
                 outcomes[idx] = Outcome(error=RequestError(None, f"internal error: {type(exc).__name__}: {exc}", 500))
         active = [(idx, self.flights[rid]) for idx, rid in enumerate(ids) if rid in self.flights]
         flights = [f for _, f in active]
-        sliced = time.monotonic()
         try:
-            while flights:
-                self.step_flights(flights)
-                if any(f.done for f in flights) or time.monotonic() - sliced >= self.step_slice_s:
-                    break
+            if flights:
+                self.run_lanes(flights)
         except Exception as exc:  # noqa: BLE001 - reported to every request of this step
             logger.exception("ddpm: step of %d requests failed", len(active))
             err = RequestError(None, f"internal error: {type(exc).__name__}: {exc}", status=500)
@@ -242,31 +240,45 @@ class DdpmHandler(BatchedHandler):
                                png_response=pending.png and not req.trajectory, done=False,
                                started=time.monotonic(), events=[])
 
-    def step_flights(self, flights: list[SimpleNamespace]) -> None:
-        """One denoising step of every flight: a UNet call with a (B,) timestep tensor per lane
-        (the flights split at request boundaries, so a request alone is one call), then each
-        flight's own scheduler.step."""
-        if not flights:
-            return
-        ts = [f.scheduler.timesteps[f.k] for f in flights]
+    def run_lanes(self, flights: list[SimpleNamespace]) -> None:
+        """Steps of every flight for one time slice: the flights split over the lanes, each lane
+        stepping its own flights on its own thread at its own pace (one lane's long request does
+        not wait for the other lane's bigger batch), at least one step each, until the slice has
+        passed or a request of either lane has finished (it is answered at once)."""
+        sliced = time.monotonic()
+        stop = threading.Event()
 
-        def unet_call(members: list[int]) -> torch.Tensor:
-            # As run_group: scale_model_input outside inference mode, the UNet inside it.
-            inputs = torch.cat([flights[i].scheduler.scale_model_input(flights[i].x, ts[i]) for i in members])
-            tvec = torch.cat([ts[i].reshape(1).expand(len(flights[i].x)).float() for i in members]).to(self.device)
-            with torch.inference_mode():
-                return self.denoise(inputs, tvec)
+        def run(lane: list[SimpleNamespace]) -> None:
+            try:
+                while True:
+                    self.step_flights(lane)
+                    if any(f.done for f in lane) or time.monotonic() - sliced >= self.step_slice_s:
+                        stop.set()
+                    if stop.is_set():
+                        return
+            finally:
+                stop.set()  # an error in one lane ends the other's slice too
 
         lanes = self.lane_members(flights)
-        outs = list(self.lanes.map(unet_call, lanes)) if len(lanes) > 1 else [unet_call(lanes[0])]
-        eps_of = {}
-        for members, eps_all in zip(lanes, outs):
-            start = 0
-            for i in members:
-                eps_of[i] = eps_all[start : start + len(flights[i].x)]
-                start += len(flights[i].x)
-        for i, (f, t) in enumerate(zip(flights, ts)):
-            eps = eps_of[i]
+        if len(lanes) == 1:
+            run(flights)
+            return
+        for future in [self.lanes.submit(run, [flights[i] for i in members]) for members in lanes]:
+            future.result()
+
+    def step_flights(self, flights: list[SimpleNamespace]) -> None:
+        """One denoising step of these flights: one UNet call on all their images, each at its own
+        timestep (a (B,) tensor), then each flight's own scheduler.step with its own generators."""
+        ts = [f.scheduler.timesteps[f.k] for f in flights]
+        # As run_group: scale_model_input outside inference mode, the UNet inside it.
+        inputs = torch.cat([f.scheduler.scale_model_input(f.x, t) for f, t in zip(flights, ts)])
+        tvec = torch.cat([t.reshape(1).expand(len(f.x)).float() for f, t in zip(flights, ts)]).to(self.device)
+        with torch.inference_mode():
+            eps_all = self.denoise(inputs, tvec)
+        start = 0
+        for f, t in zip(flights, ts):
+            eps = eps_all[start : start + len(f.x)]
+            start += len(f.x)
             if f.k in f.keep:
                 f.frames[0].append(predicted_x0(f.scheduler, f.x, eps, t)[0:1].float())
             params, total = f.pending.params, len(f.scheduler.timesteps)
@@ -282,16 +294,18 @@ class DdpmHandler(BatchedHandler):
                     f.events.append(preview_event(f.k, total, preview))
 
     def lane_members(self, flights: list[SimpleNamespace]) -> list[list[int]]:
-        """Flight indexes per UNet lane, balanced by image count (each flight to the lane with the
-        fewest images so far); one lane with one flight."""
+        """Flight indexes per lane, balanced by remaining work (images x steps left): the
+        flights with the most work first, each to the lane with the least work so far, so a long
+        request shares its lane with as little as the mix allows; one lane with one flight."""
         n = min(self.lane_count, len(flights))
         lanes: list[list[int]] = [[] for _ in range(n)]
-        images = [0] * n
-        for i, f in enumerate(flights):
-            lane = images.index(min(images))
+        work = [0] * n
+        left = [len(f.x) * (len(f.scheduler.timesteps) - f.k) for f in flights]
+        for i in sorted(range(len(flights)), key=lambda i: -left[i]):
+            lane = work.index(min(work))
             lanes[lane].append(i)
-            images[lane] += len(f.x)
-        return lanes
+            work[lane] += left[i]
+        return [sorted(members) for members in lanes]
 
     @staticmethod
     def finish(f: SimpleNamespace) -> list:
