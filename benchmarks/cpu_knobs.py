@@ -205,10 +205,11 @@ def report(results: dict) -> str:
                       "(2.0 = both cores work; eager calls wait on the GIL).", ""]
     lines += ["Meeting the bar is not yet adoption: torch.compile's first call is paid again for every new",
               "input shape (TorchServe batches vary in size). TorchScript's trace holds any batch size (traced",
-              "once at load, ~0.2 s) and gives the same outputs: ddpm's cpu and cpu-step configs use it. For cam the bar includes its CAM maps: within the",
-              "contract (tests/support/cam_contract.py, 1e-4) of fp32's, not only the top-1; int8 and compile",
-              "have no float CAM path here (their maps are not measured, so they do not meet it). See README,",
-              "\"CPU speed knobs\", for what each config uses.", ""]
+              "once at load, well under a second) and gives the same outputs: ddpm's cpu and cpu-step configs",
+              "use it. For cam the bar includes its CAM maps: within the contract",
+              "(tests/support/cam_contract.py, 1e-4) of fp32's, not only the top-1; int8 and compile have no",
+              "float CAM path here (their maps are not measured, so they do not meet it). See README, \"CPU",
+              "speed knobs\", for what each config uses.", ""]
     return "\n".join(lines)
 
 
