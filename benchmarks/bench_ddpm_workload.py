@@ -226,7 +226,7 @@ def run(requests: int = REQUESTS, rounds: int = ROUNDS) -> dict:
         "load_average": [round(load_before[0], 1)] + [round(x, 1) for x in loads],
         "configs": {m: {k: c[k] for k in ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay")}
                     | {"threads": c["handler"]["threads"], "continuousBatching": bool(c.get("continuousBatching"))}
-                    | {k: c["handler"][k] for k in ("step_slice_ms", "unet_lanes") if k in c["handler"]}
+                    | {k: c["handler"][k] for k in ("step_slice_ms", "unet_lanes", "torchscript") if k in c["handler"]}
                     for m, c in cfgs.items()},
         "goals": {"p95_step_over_static": "<= 0.6", "capacity_step_over_static": ">= 1.2",
                   "open_loop_throughput_step_over_static": ">= 1.2 (at 130 %: below saturation both serve what arrives)",

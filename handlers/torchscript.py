@@ -3,10 +3,10 @@ for the targets whose model config says `torchscript: true`.
 
 Why: the demo UNets are small, so a forward call is mostly Python dispatching a few hundred small
 ops (the ddpm demo UNet: 3.5 ms for 1 image, 0.9 ms more per image, on one thread). The frozen
-graph runs in TorchScript's C++ interpreter: 1.4-1.6x faster per call at 1-8 images, bit-identical
-outputs, and it does not hold the GIL, so two Python threads calling it (ddpm's step-level
-`unet_lanes`) really run on two cores (1.8x), where eager calls serialise on the GIL (1.0-1.1x).
-Measured in `benchmarks/cpu_knobs.py` (`benchmarks/results/cpu-knobs.md`).
+graph runs in TorchScript's C++ interpreter: 1.26x faster per call at 8 images, the same outputs,
+and it does not hold the GIL, so two Python threads calling it (ddpm's step-level `unet_lanes`)
+really run on two cores (1.75x the work of one thread), where eager calls wait on the GIL
+(1.02x). Measured in `benchmarks/cpu_knobs.py` (`benchmarks/results/cpu-knobs.md`).
 
 Tracing records one path through the forward: the timestep is always passed as a (batch,) tensor
 (the 0-dim branch of diffusers' timestep embedding is not in the graph), and shape-dependent
