@@ -1,7 +1,8 @@
 """Test double: the ddpm handler with a UNet that sleeps `slow_unet_s` (model config, `handler:`)
-before every call (`torchscript: false`: tracing would drop the sleep), so a test can make a request outlast TorchServe's responseTimeout on any
-machine. Archived with `archive.sh --handler tests/support/slow_ddpm.py`; the worker measures
-the slowed UNet at load like any other (handlers/streaming.py StepClock)."""
+before every call (with `torchscript: false`: a trace would drop the sleep), so a test can make a
+request outlast TorchServe's responseTimeout on any machine. Archived with `archive.sh --handler
+tests/support/slow_ddpm.py`; the worker measures the slowed UNet at load like any other
+(handlers/streaming.py StepClock)."""
 from __future__ import annotations
 
 import time
