@@ -44,8 +44,9 @@ TRAJECTORY_FRAMES = 10
 
 
 class DdpmHandler(BatchedHandler):
-    """Batched DDPM / DDIM sampling with per-request seeds and a time budget per batch; one
-    denoising step per call for every request in flight under `continuousBatching: true`."""
+    """Batched DDPM / DDIM sampling with per-request seeds and a time budget per batch; under
+    `continuousBatching: true`, denoising steps of every request in flight for one time slice
+    per call."""
 
     request_type = DdpmRequest
 
