@@ -21,7 +21,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from benchmarks.measure import interleaved, latency_ms, load
-from handlers.cam import CamHandler
+from handlers.cam.model import CamHandler
 from harness import REPO
 from harness.context import run_batch
 from harness.inprocess import load_handler, png_bytes, unpack

@@ -28,9 +28,9 @@ import torch
 import yaml
 from PIL import Image
 
-from handlers.cam import CamHandler
-from handlers.ddpm import DdpmHandler
-from handlers.sd15 import Sd15Handler
+from handlers.cam.model import CamHandler
+from handlers.ddpm.model import DdpmHandler
+from handlers.sd15.model import Sd15Handler
 from harness.context import run_batch
 from harness.inprocess import demo_weights, load_handler, png_bytes, unpack
 from harness.targets import config_path

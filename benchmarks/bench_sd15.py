@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from benchmarks.measure import interleaved, latency_ms, load
-from handlers.sd15 import Sd15Handler
+from handlers.sd15.model import Sd15Handler
 from harness import REPO
 from harness.context import run_batch
 from harness.inprocess import load_handler, unpack

@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from handlers.cam import CamHandler
-from handlers.cam_model import preprocess, read_config
-from handlers.ddpm import DdpmHandler
-from handlers.sd15 import Sd15Handler
-from handlers.torchscript import FrozenUNet
+from handlers.cam.model import CamHandler
+from handlers.cam.classifier import preprocess, read_config
+from handlers.ddpm.model import DdpmHandler
+from handlers.sd15.model import Sd15Handler
+from handlers.core.torchscript import FrozenUNet
 from harness.inprocess import demo_weights, load_handler, unpack
 from weights import digits
 

@@ -25,7 +25,7 @@ import sys
 import time
 
 from clients import compare
-from handlers.cam_model import CONFIG_NAME
+from handlers.cam.classifier import CONFIG_NAME
 from harness import REPO
 from harness.torchserve import TorchServeInstance
 from weights import build_all, finetune_cam, make_shifted_digits

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from handlers import cam_model
+from handlers.cam import classifier as cam_model
 
 ROOT = Path(__file__).resolve().parent
 HUB_REPOS = {"ddpm": "google/ddpm-cifar10-32", "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from handlers import cam_model
+from handlers.cam import classifier as cam_model
 from weights import digits
 from weights.atomic import atomic_dir
 
@@ -109,7 +109,7 @@ def random_affine(x: torch.Tensor, gen: torch.Generator, max_deg: float = 12.0,
 
 def to_model_input(x: torch.Tensor, config: dict) -> torch.Tensor:
     """(B, 1, H, W) in [0, 1] -> the model input (B, 3, H, W), channels_last (faster convs on CPU):
-    quantized, then normalised by the served preprocessing's tensor_transform (handlers.cam_model)."""
+    quantized, then normalised by the served preprocessing's tensor_transform (handlers.cam.classifier)."""
     x = cam_model.tensor_transform(config)(quantize(x).expand(-1, 3, -1, -1))
     return x.as_subclass(torch.Tensor).contiguous(memory_format=torch.channels_last)
 
@@ -141,7 +141,7 @@ def train(args) -> tuple[torch.nn.Module, dict, dict]:
         "mean": [mean] * 3,
         "std": [std] * 3,
         "grayscale": True,
-        # What transparent pixels are flattened onto (handlers.images.decode_image): the digits
+        # What transparent pixels are flattened onto (handlers.core.images.decode_image): the digits
         # are white ink on black, so a transparent background must read as black.
         "background": [0, 0, 0],
         "target_layer": TARGET_LAYER,

@@ -65,10 +65,10 @@ def sample(ddpm_dir: str, num: int, steps: int, seed: int, eta: float = 0.0,
 
 class CamClassifier:
     """The cam classifier of a weights directory with the preprocessing its cam_config.json
-    describes (handlers.cam_model, as served)."""
+    describes (handlers.cam.classifier, as served)."""
 
     def __init__(self, cam_dir: str):
-        from handlers import cam_model
+        from handlers.cam import classifier as cam_model
 
         config = cam_model.read_config(cam_dir)
         self.model = cam_model.load_model(cam_dir, config)

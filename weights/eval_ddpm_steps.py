@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from handlers.ddpm import DdpmHandler
-from handlers.ddpm_request import SCHEDULERS
+from handlers.ddpm.model import DdpmHandler
+from handlers.ddpm.request import SCHEDULERS
 from harness.context import run_batch
 from harness.inprocess import load_handler, unpack
 from weights.eval_ddpm_quality import CONFIDENCE, CamClassifier, summarize

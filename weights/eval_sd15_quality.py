@@ -44,7 +44,7 @@ GOALS = {
 # serving --------------------------------------------------------------------------------------
 def load(weights: str | Path = DEFAULT_WEIGHTS, tmp: Path | None = None):
     """(handler, ctx) of handlers.sd15 on `weights`, as TorchServe's worker would load the archive."""
-    from handlers.sd15 import Sd15Handler
+    from handlers.sd15.model import Sd15Handler
     from harness.inprocess import load_handler, unpack
 
     tmp = Path(tmp or tempfile.mkdtemp(prefix="sd15-eval-")) / "model"

@@ -29,8 +29,8 @@ from safetensors.torch import load as load_safetensors
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from handlers import cam_model
-from handlers.cam_model import CONFIG_NAME, WEIGHTS_NAME
+from handlers.cam import classifier as cam_model
+from handlers.cam.classifier import CONFIG_NAME, WEIGHTS_NAME
 from weights.build_cam_demo import set_determinism, write_cam_dir
 from weights.image_folder import ImageFolderError, read_image_folder
 

@@ -140,10 +140,10 @@ def dominant_colour(image) -> str | None:
 
 
 class DigitJudge:
-    """The `cam` demo classifier (handlers.cam_model, as served) applied to `ink(image)`."""
+    """The `cam` demo classifier (handlers.cam.classifier, as served) applied to `ink(image)`."""
 
     def __init__(self, cam_dir: str = "weights/demo/cam"):
-        from handlers import cam_model
+        from handlers.cam import classifier as cam_model
 
         config = cam_model.read_config(cam_dir)
         self.model = cam_model.load_model(cam_dir, config)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from clients import sample
-from handlers.ddpm_request import DdpmRequest
+from handlers.ddpm.request import DdpmRequest
 from harness.bad_inputs import ddpm_cases
 from harness.torchserve import TorchServeInstance
 from harness.traffic import assert_bad_input_refused

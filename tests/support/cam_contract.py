@@ -19,7 +19,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from handlers.cam import OVERLAY_IMAGE_WEIGHT
+from handlers.cam.model import OVERLAY_IMAGE_WEIGHT
 
 ATOL = 1e-4
 

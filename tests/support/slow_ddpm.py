@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from handlers.ddpm import DdpmHandler
+from handlers.ddpm.model import DdpmHandler
 
 
 class SlowUnetDdpmHandler(DdpmHandler):

@@ -12,7 +12,7 @@ from PIL import Image
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from handlers.cam import CamHandler, normalise_maps, upsample_maps
+from handlers.cam.model import CamHandler, normalise_maps, upsample_maps
 from harness.bad_inputs import b64, cam_cases
 from harness.context import run_batch
 from harness.inprocess import demo_weights, load_handler, png_bytes, unpack

@@ -16,7 +16,7 @@ import torch
 import torchvision
 from safetensors.torch import load_file
 
-from handlers import cam_model
+from handlers.cam import classifier as cam_model
 from weights import build_cam_demo, digits, prepare_cam_pretrained
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,9 +13,9 @@ import yaml
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
 
-from handlers.ddpm import DdpmHandler
-from handlers.ddpm_request import SCHEDULERS
-from handlers.torchscript import FrozenUNet
+from handlers.ddpm.model import DdpmHandler
+from handlers.ddpm.request import SCHEDULERS
+from handlers.core.torchscript import FrozenUNet
 from harness.bad_inputs import ddpm_cases
 from harness.context import run_batch
 from harness.inprocess import demo_weights, load_handler, unpack

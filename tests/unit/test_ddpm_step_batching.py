@@ -23,8 +23,8 @@ import yaml
 from PIL import Image
 from ts.protocol.otf_message_handler import create_predict_response
 
-from handlers.ddpm import DdpmHandler
-from handlers.ddpm_request import SCHEDULERS
+from handlers.ddpm.model import DdpmHandler
+from handlers.ddpm.request import SCHEDULERS
 from harness import REPO
 from harness.bad_inputs import ddpm_cases
 from harness.context import run_batch

@@ -14,8 +14,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from clients import compare
-from handlers import cam_model
-from handlers.cam import CamHandler
+from handlers.cam import classifier as cam_model
+from handlers.cam.model import CamHandler
 from harness.context import run_batch
 from harness.inprocess import demo_weights, load_handler, png_bytes, unpack
 from tests.support.shifted import tiny_folder

@@ -1,4 +1,4 @@
-"""handlers.images.decode_image on images as people send them: EXIF-rotated JPEGs, 16-bit and
+"""handlers.core.images.decode_image on images as people send them: EXIF-rotated JPEGs, 16-bit and
 float images, transparency. Each is compared with the plain 8-bit PNG of the same picture."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from handlers.errors import RequestError
-from handlers.images import decode_image
+from handlers.core.errors import RequestError
+from handlers.core.images import decode_image
 from weights import digits
 
 from harness.context import run_batch

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from handlers import kserve
-from handlers.errors import RequestError
+from handlers.core import kserve
+from handlers.core.errors import RequestError
 from harness import kserve as layout
 from harness.targets import config_path, models, targets
 

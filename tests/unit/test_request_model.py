@@ -7,9 +7,9 @@ import json
 import pytest
 import yaml
 
-from handlers.cam import CamHandler
-from handlers.ddpm import DdpmHandler
-from handlers.sd15 import Sd15Handler
+from handlers.cam.model import CamHandler
+from handlers.ddpm.model import DdpmHandler
+from handlers.sd15.model import Sd15Handler
 from harness import REPO
 from harness.api_docs import DOCS, schema_text
 from harness.context import run_batch

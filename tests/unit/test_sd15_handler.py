@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from handlers.errors import RequestError
-from handlers.streaming import StepClock
+from handlers.core.errors import RequestError
+from handlers.core.streaming import StepClock
 from harness.bad_inputs import b64, sd15_cases
 from harness.context import run_batch
 from harness.inprocess import png_bytes

@@ -19,7 +19,7 @@ from weights import sd15_captions as C
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(handler, ctx, judge) on the trained demo weights."""
-    from handlers.sd15 import Sd15Handler
+    from handlers.sd15.model import Sd15Handler
     from harness.inprocess import demo_weights
 
     model_dir = unpack(tmp_path_factory.mktemp("sd15-trained"), "sd15", demo_weights("sd15"))

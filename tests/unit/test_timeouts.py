@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from handlers.ddpm import DdpmHandler
-from handlers.errors import RequestError
-from handlers.sd15 import Sd15Handler
-from handlers.streaming import StepClock
+from handlers.ddpm.model import DdpmHandler
+from handlers.core.errors import RequestError
+from handlers.sd15.model import Sd15Handler
+from handlers.core.streaming import StepClock
 from harness.context import run_batch
 from harness.inprocess import demo_weights, load_handler, unpack
 from harness.targets import config_path, targets

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from handlers.errors import RequestError
+from handlers.core.errors import RequestError
 
 # Truncated uploads must fail loudly instead of being padded with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -13,8 +13,8 @@ from diffusers import (
 )
 from pydantic import Field, model_validator
 
-from handlers.errors import RequestError
-from handlers.request import BATCHED, ConfigMax, SeededImages
+from handlers.core.errors import RequestError
+from handlers.core.request import BATCHED, ConfigMax, SeededImages
 
 # Each is built from the weights' own scheduler config (its beta schedule, e.g. the demo's cosine).
 # dpm++ is DPM-Solver++ (2M) and unipc UniPC (bh2): few-step multistep solvers; euler is Euler's

@@ -23,7 +23,7 @@ import annotated_types as at
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, create_model, field_validator,
                       model_validator)
 
-from handlers.errors import RequestError
+from handlers.core.errors import RequestError
 
 MAX_SEED = 2**63 - 1
 

@@ -30,13 +30,13 @@ import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
-from handlers.common import (JSON_TYPE, PNG_TYPE, BatchedHandler, Group, Outcome, Pending, streaming)
-from handlers.ddpm_request import SCHEDULERS, DdpmRequest
-from handlers.errors import RequestError, set_error_status
-from handlers.streaming import (BatchStreams, NDJSON_TYPE, ndjson, preview_event, progress_event, seconds_per_call,
+from handlers.adapter.torchserve import (JSON_TYPE, PNG_TYPE, BatchedHandler, Group, Outcome, Pending, streaming)
+from handlers.ddpm.request import SCHEDULERS, DdpmRequest
+from handlers.core.errors import RequestError, set_error_status
+from handlers.core.streaming import (BatchStreams, NDJSON_TYPE, ndjson, preview_event, progress_event, seconds_per_call,
                                 wants_preview)
-from handlers.images import b64_png, encode_png, tensor_to_pil
-from handlers.torchscript import FrozenUNet
+from handlers.core.images import b64_png, encode_png, tensor_to_pil
+from handlers.core.torchscript import FrozenUNet
 
 logger = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from handlers.errors import RequestError, set_error_status
-from handlers.request import RequestModel
-from handlers.streaming import BatchStreams, StepClock
-from handlers import kserve  # KServe v1/v2 bodies (TS_SERVICE_ENVELOPE); see that module
+from handlers.core.errors import RequestError, set_error_status
+from handlers.core.request import RequestModel
+from handlers.core.streaming import BatchStreams, StepClock
+from handlers.core import kserve  # KServe v1/v2 bodies (TS_SERVICE_ENVELOPE); see that module
 
 logger = logging.getLogger(__name__)
 

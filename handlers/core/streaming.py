@@ -26,8 +26,8 @@ from typing import Callable
 
 from ts.handler_utils.utils import send_intermediate_predict_response
 
-from handlers.errors import RequestError
-from handlers.images import b64_png
+from handlers.core.errors import RequestError
+from handlers.core.images import b64_png
 
 NDJSON_TYPE = "application/x-ndjson"
 

@@ -17,8 +17,8 @@ from pytorch_grad_cam import (
     XGradCAM,
 )
 
-from handlers.images import decode_image
-from handlers.request import BATCHED, Base64Image, ConfigMax, RequestModel
+from handlers.core.images import decode_image
+from handlers.core.request import BATCHED, Base64Image, ConfigMax, RequestModel
 
 FAST_METHOD = "gradcam"
 GRAD_CAM_METHODS = {

@@ -18,10 +18,10 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from handlers import cam_model
-from handlers.cam_request import FAST_METHOD, GRAD_CAM_METHODS, METHODS, CamRequest
-from handlers.common import PNG_TYPE, BatchedHandler, Group, Outcome, Pending, request_body
-from handlers.images import b64_png, encode_png
+from handlers.cam import classifier as cam_model
+from handlers.cam.request import FAST_METHOD, GRAD_CAM_METHODS, METHODS, CamRequest
+from handlers.adapter.torchserve import PNG_TYPE, BatchedHandler, Group, Outcome, Pending, request_body
+from handlers.core.images import b64_png, encode_png
 
 OVERLAY_IMAGE_WEIGHT = 0.5  # the overlay is half picture, half JET heatmap
 

@@ -13,9 +13,9 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 from PIL import Image
 from pydantic import Field, PrivateAttr, ValidationInfo, model_validator
 
-from handlers.errors import RequestError
-from handlers.images import decode_image
-from handlers.request import BATCHED, Base64Image, ConfigMax, SeededImages
+from handlers.core.errors import RequestError
+from handlers.core.images import decode_image
+from handlers.core.request import BATCHED, Base64Image, ConfigMax, SeededImages
 
 SCHEDULERS = {
     "pndm": PNDMScheduler,

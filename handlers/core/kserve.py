@@ -30,7 +30,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from handlers.errors import RequestError, set_error_status
+from handlers.core.errors import RequestError, set_error_status
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def _where(label: str, err: RequestError) -> str:
 
 
 def _json_object(row: Any) -> dict:
-    from handlers.common import json_body
+    from handlers.adapter.torchserve import json_body
 
     return json_body(row)
 
@@ -183,7 +183,7 @@ def _image_field(handler) -> str | None:
 def preprocess(handler, data: list) -> list:
     """The batch -> a flat list of Pending / RequestError (one per model request), remembering
     which HTTP request each came from (handler._kserve_batch)."""
-    from handlers.common import Pending, header
+    from handlers.adapter.torchserve import Pending, header
 
     protocol = handler.kserve_protocol
     ctx = handler.context
@@ -243,7 +243,7 @@ def tensor(name: str, value: Any) -> dict:
 
 
 def _fail(handler, idx: int, err: RequestError, message: str) -> str:
-    from handlers.common import JSON_TYPE
+    from handlers.adapter.torchserve import JSON_TYPE
 
     set_error_status(handler.context, idx, err)
     handler.context.set_response_content_type(idx, JSON_TYPE)
@@ -252,7 +252,7 @@ def _fail(handler, idx: int, err: RequestError, message: str) -> str:
 
 def postprocess(handler, outcomes: list) -> list:
     """Flat outcomes -> one protocol response per HTTP request of the batch."""
-    from handlers.common import JSON_TYPE
+    from handlers.adapter.torchserve import JSON_TYPE
 
     ctx = handler.context
     out = []

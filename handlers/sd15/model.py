@@ -22,9 +22,9 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
-from handlers.common import PNG_TYPE, BatchedHandler, Group, Outcome, Pending
-from handlers.images import b64_png, encode_png, tensor_to_pil
-from handlers.sd15_request import SCHEDULERS, Sd15Request
+from handlers.adapter.torchserve import PNG_TYPE, BatchedHandler, Group, Outcome, Pending
+from handlers.core.images import b64_png, encode_png, tensor_to_pil
+from handlers.sd15.request import SCHEDULERS, Sd15Request
 
 logger = logging.getLogger(__name__)
 
