@@ -4,13 +4,14 @@
 #   ./archive.sh [--profile demo|pretrained] [--target T] [--version V]
 #                [--name NAME] [--weights DIR] [--store DIR] [--handler FILE] [--force] [MODEL...]
 #
-# MODEL is one of the handlers in handlers/ (cam, ddpm, sd15); none named = every model that
-# has weights for the profile. T (default cpu): any name with model_configs/<model>/T.yaml for
+# MODEL is one of the model folders in handlers/ (cam, ddpm, sd15); none named = every model
+# that has weights for the profile. An archive holds the serving core, the TorchServe adapter and
+# its own model folder only; its format is the config's `archive_format` (default: a .mar zip). T (default cpu): any name with model_configs/<model>/T.yaml for
 # every model built (MODEL_CONFIGS=DIR reads the configs from DIR instead).
 # --version other than 1.0 writes <name>-<version>.mar. Weights come from
 # weights/<profile>/<model>/ unless --weights (one model only) or <MODEL>_WEIGHTS
 # (e.g. SD15_WEIGHTS=/data/sd15) points elsewhere. --handler FILE (one model only) archives
-# FILE as the entry point instead of handlers/MODEL.py, e.g. a test double that subclasses it.
+# FILE as the entry point instead of handlers/MODEL/handler.py, e.g. a test double that subclasses it.
 # The archive is built in a temp dir and moved into place, so a failed run never leaves a
 # half-written archive; an unchanged input set is detected by a fingerprint and skipped.
 set -euo pipefail
@@ -55,10 +56,12 @@ archiver="$here/.venv/bin/torch-model-archiver"
 [ -n "$archiver" ] || die "torch-model-archiver not found: run 'make setup' (or pip install torch-model-archiver==0.12.0)"
 
 known=()
-for f in "$here"/handlers/*.py; do
-  m="$(basename "$f" .py)"
+for f in "$here"/handlers/*/handler.py; do
+  m="$(basename "$(dirname "$f")")"
   [ -d "$configs/$m" ] && known+=("$m")
 done
+# What an archive of model m packs: the handlers package's core, adapter and m's own folder.
+code_of() { echo handlers/__init__.py handlers/core handlers/adapter "handlers/$1"; }
 
 weights_for() {  # model -> weights directory
   local var
@@ -95,7 +98,7 @@ fingerprint() {  # every input that changes the archive: handler code, config, w
   local m="$1" wdir="$2"
   {
     echo "$profile $target $version $3 $4"
-    (cd "$here" && sha256sum handlers/*.py)
+    (cd "$here" && find $(code_of "$m") -name '*.py' -type f | LC_ALL=C sort | xargs sha256sum)
     [ -z "$handler_override" ] || sha256sum "$handler_override"
     (cd "$configs" && sha256sum "$m/$target.yaml")
     # Size + mtime of each weights file: cheap for multi-GB weights, still catches rebuilds.
@@ -109,13 +112,17 @@ for m in "${models[@]}"; do
   config="$configs/$m/$target.yaml"
   [ -f "$config" ] || die "no model config for '$m' on target '$target': $config"
   mname="${name:-$m}"
-  # Diffusion pipelines are GBs in the pretrained profile: store them unpacked (no-archive),
-  # so neither archiving nor loading spends minutes compressing and unzipping them.
   # Version 1.0 is <name>.mar; other versions get their own file (cam-2.0.mar), so both
   # versions of a model can sit in the store and be registered side by side.
   fname="$mname"; [ "$version" = "1.0" ] || fname="$mname-$version"
-  format="default"; out="$store/$fname.mar"
-  if [ "$m" = "sd15" ]; then format="no-archive"; out="$store/$fname"; fi
+  # Diffusion pipelines are GBs in the pretrained profile: their configs say no-archive (stored
+  # unpacked), so neither archiving nor loading spends minutes compressing and unzipping them.
+  format="$(sed -n 's/^archive_format: *\([A-Za-z-]*\).*/\1/p' "$config")"; format="${format:-default}"
+  case "$format" in
+    default) out="$store/$fname.mar" ;;
+    no-archive) out="$store/$fname" ;;
+    *) die "$config: archive_format '$format' is not supported (default or no-archive)" ;;
+  esac
   fp="$(fingerprint "$m" "$wdir" "$mname" "$format")"
   stamp="$store/.$fname.fingerprint"
   if [ "$force" = 0 ] && [ -e "$out" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$fp" ]; then
@@ -125,8 +132,8 @@ for m in "${models[@]}"; do
 
   work="$(mktemp -d "$store/.build-$fname.XXXXXX")"
   trap 'rm -rf "$work"' EXIT
-  mkdir -p "$work/extra/handlers" "$work/out" "$work/tmp"
-  cp "$here"/handlers/*.py "$work/extra/handlers/"
+  mkdir -p "$work/extra" "$work/out" "$work/tmp"
+  (cd "$here" && find $(code_of "$m") -name '*.py' -type f -exec cp --parents {} "$work/extra/" \;)
   # What the handler's describe reports (GET /models/<name>?customized=true).
   printf '{"profile": "%s", "target": "%s", "version": "%s"}\n' "$profile" "$target" "$version" > "$work/extra/archive.json"
   # The archiver copies its inputs twice for no-archive (to a temp dir, then to the output):
@@ -135,7 +142,7 @@ for m in "${models[@]}"; do
   echo "archive.sh: building $mname ($m, profile $profile, target $target, version $version, format $format) from $wdir"
   start=$(date +%s.%N)
   TMPDIR="$work/tmp" "$archiver" --model-name "$mname" --version "$version" \
-    --handler "${handler_override:-$here/handlers/$m.py}" --extra-files "$work/extra" \
+    --handler "${handler_override:-$here/handlers/$m/handler.py}" --extra-files "$work/extra" \
     --config-file "$config" --archive-format "$format" --export-path "$work/out" \
     || die "torch-model-archiver failed for $mname"
   built="$work/out/$mname"; [ "$format" = "no-archive" ] || built="$built.mar"

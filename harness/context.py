@@ -27,18 +27,23 @@ class ServingMockContext(MockContext):
         super().__init__(model_pt_file=None, model_dir=str(model_dir), model_file=None,
                          model_name=model_name, model_yaml_config_file=yaml_file)
         self.model_name = model_name  # the real Context has it; MockContext does not
-        self.new_batch([{}])
+        self.new_batch([{}])  # what initialize sees
 
-    def new_batch(self, headers: list[dict]) -> None:
-        """Per-request headers of the next batch, e.g. [{"Accept": "image/png"}, {}]."""
-        self.request_processor = [RequestProcessor(dict(h)) for h in headers]
+    def new_batch(self, headers: list[dict], route: str = "predictions") -> None:
+        """Per-request headers of the next batch, e.g. [{"Accept": "image/png"}, {}], with what
+        TorchServe's frontend adds for `route`: "predictions" (a `url_path` header, as
+        /predictions/<model> and /explanations/<model> get), "kserve" (the v1 / v2 routes: none
+        added) or "grpc" (no headers at all)."""
+        added = {"url_path": ""} if route == "predictions" else {}
+        self.request_processor = [RequestProcessor({} if route == "grpc" else {**added, **h}) for h in headers]
 
     def status(self, idx: int) -> int:
         code, _ = self.get_response_status(idx)
         return code or 200
 
 
-def run_batch(handler, ctx: ServingMockContext, rows: list, headers: list[dict] | None = None) -> list:
+def run_batch(handler, ctx: ServingMockContext, rows: list, headers: list[dict] | None = None,
+              route: str = "predictions") -> list:
     """Calls handler.handle on one batch the way the worker does; returns the raw outputs."""
-    ctx.new_batch(headers or [{} for _ in rows])
+    ctx.new_batch(headers or [{} for _ in rows], route)
     return handler.handle(rows, ctx)

@@ -1,185 +1,24 @@
-"""The KServe storage layout for a target, and TorchServe started exactly as KServe's runtime
-starts it.
+"""TorchServe started exactly as KServe's runtime starts it, from a storage layout written by
+deploy/kserve_layout.py (`make kserve`), for the tests.
 
-    python -m harness.kserve --profile demo --target cpu [--out DIR]    (what `make kserve` runs)
-
-writes DIR (default outputs/kserve/<target>/):
-
-    config/config.properties     KServe's runtime reads /mnt/models/config/config.properties
-    model-store/cam.mar ddpm.mar sd15/     (hard links to model_store/ when possible)
-
-KServe's `kserve-torchserve` ClusterServingRuntime (kserve/kserve config/runtimes/
-kserve-torchserve.yaml) runs `torchserve --start --model-store=/mnt/models/model-store
---ts-config=/mnt/models/config/config.properties` with `TS_SERVICE_ENVELOPE` = kserve (v1) or
-kservev2 (v2); TorchServe reads that variable only with `enable_envvars_config=true`. The
-pytorch/torchserve-kfs image's wrapper (pytorch/serve kubernetes/kserve/kserve_wrapper) serves
-KServe's port 8080 and forwards to `inference_address` (8085) and asks `management_address`
-whether the workers are READY, both read from this same file, so both stay on loopback: nothing
-but the wrapper in the same pod needs them. Metrics listen on 8082 for Prometheus (KServe's
-runtime annotates prometheus.kserve.io/port: "8082").
-
-`KServeTorchServe` (for tests) starts a real TorchServe from such a layout with the same
-command line and environment, changing only what must differ on a shared machine: the port
-numbers and the directory (see `local_config`).
+`KServeTorchServe` runs KServe's command line (deploy.kserve_layout.RUNTIME_ARGS) and environment,
+changing only what must differ on a shared machine: the port numbers and the directory (see
+`local_config`).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import requests
-import yaml
 
-from harness import REPO
-from harness.targets import config_path, models
-
-MOUNT = "/mnt/models"
-STORE_PATH = f"{MOUNT}/model-store"
-CONFIG_PATH = f"{MOUNT}/config/config.properties"
-INFERENCE_PORT = 8085   # TorchServe inference, behind the wrapper's 8080
-MANAGEMENT_PORT = 8081  # loopback only: never outside the pod
-METRICS_PORT = 8082
-GRPC_INFERENCE_PORT = 7070
-GRPC_MANAGEMENT_PORT = 7071
-KSERVE_HTTP_PORT = 8080  # what KServe's wrapper (and so the InferenceService) serves
-ENVELOPES = {"v1": "kserve", "v2": "kservev2"}
-# KServe's runtime: args and environment of the kserve-container (kserve-torchserve.yaml).
-RUNTIME_ARGS = ["torchserve", "--start", f"--model-store={STORE_PATH}", f"--ts-config={CONFIG_PATH}"]
-SNAPSHOT_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout", "startupTimeout")
-
-
-NO_ARCHIVE = {"sd15"}  # archive.sh stores these unpacked (--archive-format no-archive)
-
-
-def mar_name(model: str) -> str:
-    """What archive.sh writes and model_snapshot's marName names: <model>.mar, or the directory
-    <model>/ for sd15. TorchServe loads a directory in the model store as an unpacked archive
-    (its MAR-INF/MANIFEST.json), from a snapshot too; KServe's wrapper accepts directories and
-    .mar files in the model store (kserve_wrapper/TorchserveModel.py load())."""
-    return model if model in NO_ARCHIVE else f"{model}.mar"
-
-
-def snapshot(target: str, names: list[str]) -> dict:
-    """model_snapshot: every model with its target's batch settings (model_configs/<m>/<target>.yaml)."""
-    entries = {}
-    for m in names:
-        cfg = yaml.safe_load(config_path(m, target).read_text())
-        if cfg.get("continuousBatching"):  # ddpm's step-level path bypasses handlers/kserve.py
-            print(f"harness.kserve: WARNING: {m}/{target}.yaml sets continuousBatching; KServe bodies are "
-                  "translated only on the static batching path (docs/SCALING.md)", file=sys.stderr)
-        entry = {"defaultVersion": True, "marName": mar_name(m)}
-        for key in SNAPSHOT_KEYS:
-            if key in cfg:
-                entry[key] = int(cfg[key])
-        entries[m] = {"1.0": entry}
-    return {"name": "startup.cfg", "modelCount": len(entries), "models": entries}
-
-
-def config_properties(target: str, names: list[str]) -> dict[str, str]:
-    """The KServe config.properties as ordered key -> value."""
-    return {
-        "inference_address": f"http://127.0.0.1:{INFERENCE_PORT}",
-        "management_address": f"http://127.0.0.1:{MANAGEMENT_PORT}",
-        "metrics_address": f"http://0.0.0.0:{METRICS_PORT}",
-        "grpc_inference_address": "127.0.0.1",
-        "grpc_management_address": "127.0.0.1",
-        "grpc_inference_port": str(GRPC_INFERENCE_PORT),
-        "grpc_management_port": str(GRPC_MANAGEMENT_PORT),
-        # TS_SERVICE_ENVELOPE (set by KServe) is read only with this on.
-        "enable_envvars_config": "true",
-        # Token auth off: KServe's wrapper cannot send TorchServe's token (pytorch/serve #3301).
-        # Safe because management and inference listen on loopback inside the pod; the
-        # InferenceService's 8080 sits behind the cluster's authentication (deploy/README.md).
-        "disable_token_authorization": "true",
-        "enable_model_api": "false",
-        "install_py_dep_per_model": "false",
-        "metrics_mode": "prometheus",
-        "model_store": STORE_PATH,
-        "load_models": "all",
-        "default_workers_per_model": "1",
-        "max_request_size": "67108864",
-        "max_response_size": "134217728",
-        "model_snapshot": json.dumps(snapshot(target, names), separators=(",", ":")),
-    }
-
-
-def render(props: dict[str, str]) -> str:
-    head = ("# KServe storage layout config (harness/kserve.py; `make kserve`). KServe's runtime runs\n"
-            f"#   {' '.join(RUNTIME_ARGS)}\n# with TS_SERVICE_ENVELOPE=kserve (v1) or kservev2 (v2).\n")
-    return head + "".join(f"{k}={v}\n" for k, v in props.items())
-
-
-def parse_properties(text: str) -> dict[str, str]:
-    props = {}
-    for line in text.splitlines():
-        if line.strip() and not line.lstrip().startswith("#") and "=" in line:
-            k, v = line.split("=", 1)
-            props[k.strip()] = v.strip()
-    return props
-
-
-def _link_tree(src: Path, dst: Path) -> None:
-    """Hard links (no copy of GBs of weights) when on the same filesystem, else copies."""
-    if src.is_dir():
-        shutil.copytree(src, dst, copy_function=_link_or_copy, symlinks=False)
-    else:
-        _link_or_copy(src, dst)
-
-
-def _link_or_copy(src, dst) -> None:
-    try:
-        os.link(os.path.realpath(src), dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def write_layout(target: str, out: Path, profile: str = "demo", store: Path | None = None,
-                 names: list[str] | None = None) -> Path:
-    """Writes out/config/config.properties and out/model-store/ from the archives in store."""
-    store = Path(store or REPO / "model_store")
-    names = names or [m for m in models() if (store / mar_name(m)).exists()]
-    missing = [m for m in names if not (store / mar_name(m)).exists()]
-    if missing or not names:
-        raise FileNotFoundError(f"archives missing in {store}: {missing or 'all'} (run `make archive TARGET={target}`)")
-    for m in names:  # the archive must be the one built for this target (archive.json inside)
-        info = _archive_info(store / mar_name(m))
-        if info and (info.get("target") != target or info.get("profile") != profile):
-            raise ValueError(f"{store / mar_name(m)} was built for target {info.get('target')!r}, profile "
-                             f"{info.get('profile')!r}; rebuild it: ./archive.sh --profile {profile} --target {target}")
-    tmp = Path(tempfile.mkdtemp(prefix=".kserve-", dir=out.parent if out.parent.exists() else None))
-    try:
-        (tmp / "config").mkdir()
-        (tmp / "model-store").mkdir()
-        (tmp / "config" / "config.properties").write_text(render(config_properties(target, names)))
-        for m in names:
-            _link_tree(store / mar_name(m), tmp / "model-store" / mar_name(m))
-        shutil.rmtree(out, ignore_errors=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def _archive_info(path: Path) -> dict | None:
-    import zipfile
-
-    if path.is_dir():
-        f = path / "archive.json"
-        return json.loads(f.read_text()) if f.is_file() else None
-    try:
-        with zipfile.ZipFile(path) as z:
-            return json.loads(z.read("archive.json"))
-    except (KeyError, zipfile.BadZipFile):
-        return None
+from deploy.kserve_layout import ENVELOPES, parse_properties, render
 
 
 def local_config(props: dict[str, str], ports: dict[str, int], store: Path) -> dict[str, str]:
@@ -306,19 +145,3 @@ class KServeTorchServe:
         self.stop()
         if not os.environ.get("KEEP_TS_DIRS"):
             shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--profile", default=os.environ.get("PROFILE", "demo"))
-    ap.add_argument("--target", default=os.environ.get("TARGET", "cpu"))
-    ap.add_argument("--out", type=Path, help="default outputs/kserve/<target>")
-    ap.add_argument("models", nargs="*")
-    a = ap.parse_args()
-    out = write_layout(a.target, a.out or REPO / "outputs" / "kserve" / a.target, a.profile, names=a.models or None)
-    print(f"harness.kserve: wrote {out} (config/config.properties, model-store/: "
-          f"{', '.join(sorted(p.name for p in (out / 'model-store').iterdir()))})")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""TorchServe handler for the `cam` model: a torchvision classifier that returns its top-k classes
+"""The `cam` model: a torchvision classifier that returns its top-k classes
 and a class activation map (CAM) of the target class, as a PNG overlay and as a coarse 2-D map.
 
 The default method ("gradcam") costs no backward pass: for a ResNet head (global average pooling
@@ -18,10 +18,12 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from handlers.cam import classifier as cam_model
+from handlers.cam import classifier
 from handlers.cam.request import FAST_METHOD, GRAD_CAM_METHODS, METHODS, CamRequest
-from handlers.adapter.torchserve import PNG_TYPE, BatchedHandler, Group, Outcome, Pending, request_body
+from handlers.core.batch import PNG_TYPE, Group, Outcome, Pending
+from handlers.core.bodies import request_body
 from handlers.core.images import b64_png, encode_png
+from handlers.core.model import ServedModel
 
 OVERLAY_IMAGE_WEIGHT = 0.5  # the overlay is half picture, half JET heatmap
 
@@ -43,41 +45,40 @@ def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return normalise_maps(F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0])
 
 
-class CamHandler(BatchedHandler):
+class CamModel(ServedModel):
     """Top-k classification plus a class activation map, batched."""
 
     request_type = CamRequest
 
-    def initialize(self, context):
-        wdir = self.prepare(context)
-        self.load_weights(wdir)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.load_weights(self.weights)
         self.bind_request({"num_classes": self.num_classes, "max_target": self.num_classes - 1})
-        self.initialized = True
         logger.info("cam: %s with %d classes on %s", self.arch, self.num_classes, self.device)
 
     def load_weights(self, wdir: str) -> None:
-        cfg = cam_model.read_config(wdir)
+        cfg = classifier.read_config(wdir)
         self.arch = cfg["arch"]
         self.labels = list(cfg["labels"])
         self.num_classes = int(cfg["num_classes"])
-        self.model = cam_model.load_model(wdir, cfg).to(self.device)
+        self.net = classifier.load_model(wdir, cfg).to(self.device)
         self.target_layer = cfg["target_layer"]
-        self.classifier = self.model.get_submodule(cfg["classifier_layer"])
+        self.classifier = self.net.get_submodule(cfg["classifier_layer"])
         self.extractor = create_feature_extractor(
-            self.model, return_nodes={self.target_layer: "features", cfg["classifier_layer"]: "logits"}
+            self.net, return_nodes={self.target_layer: "features", cfg["classifier_layer"]: "logits"}
         )
         with torch.inference_mode():
             probe = torch.zeros(1, 3, int(cfg["input_size"]), int(cfg["input_size"]), device=self.device)
             self.map_size = tuple(self.extractor(probe)["features"].shape[-2:])
         self.grayscale = bool(cfg["grayscale"])
         self.background = cfg["background"]
-        self.crop = cam_model.crop_transform(cfg)
-        self.to_tensor = cam_model.tensor_transform(cfg)
+        self.crop = classifier.crop_transform(cfg)
+        self.to_tensor = classifier.tensor_transform(cfg)
 
     # preprocess ---------------------------------------------------------------------------
-    def parse(self, row) -> CamRequest:
+    def parse(self, body) -> CamRequest:
         """A JSON body, or the raw image bytes as the body (every other field at its default)."""
-        body = request_body(row)
+        body = request_body(body)
         ctx = {"max_pixels": int(self.config["max_image_pixels"]), "mode": "L" if self.grayscale else "RGB",
                "background": tuple(self.background)}
         if isinstance(body, dict):
@@ -91,7 +92,7 @@ class CamHandler(BatchedHandler):
     @torch.inference_mode()
     def classify(self, batch: torch.Tensor) -> torch.Tensor:
         """Class probabilities only (the cost baseline of the CAM benchmark)."""
-        return self.model(batch.to(self.device)).softmax(dim=1)
+        return self.net(batch.to(self.device)).softmax(dim=1)
 
     @torch.inference_mode()
     def fast_cam(self, batch: torch.Tensor, targets: list[int | None]):
@@ -109,8 +110,8 @@ class CamHandler(BatchedHandler):
         """Probabilities and normalised coarse CAMs from pytorch-grad-cam (needs gradients)."""
         probs = self.classify(batch)
         chosen = torch.tensor([t if t is not None else int(p.argmax()) for t, p in zip(targets, probs)])
-        layer = self.model.get_submodule(self.target_layer)
-        with GRAD_CAM_METHODS[method](model=self.model, target_layers=[layer]) as explainer:
+        layer = self.net.get_submodule(self.target_layer)
+        with GRAD_CAM_METHODS[method](model=self.net, target_layers=[layer]) as explainer:
             # The library resizes its maps to this size; asking for the feature resolution
             # yields the coarse maps themselves, upsampled below like the fast path's.
             explainer.get_target_width_height = lambda _input: (self.map_size[1], self.map_size[0])
@@ -120,7 +121,7 @@ class CamHandler(BatchedHandler):
             )
         return probs, chosen.to(self.device), torch.from_numpy(np.asarray(coarse, dtype=np.float32))
 
-    def run_group(self, group: Group) -> list[tuple]:
+    def run_group(self, group: Group, progress=None) -> list[tuple]:
         """Per image: (the cropped picture the model saw, probabilities, target, coarse map, full map)."""
         shown = [self.crop(img.convert("RGB")) for img in group.per_image("decoded")]
         batch = torch.stack([self.to_tensor(img) for img in shown])

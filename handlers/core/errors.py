@@ -1,7 +1,8 @@
-"""The one exception a handler raises for bad input, and how it becomes that request's HTTP status:
-an error for that request only (`{"error", "field"}`), while the other requests of the same
-TorchServe batch go on."""
+"""The one exception a model raises for bad input: an error for that request only
+(`{"error", "field"}` with its HTTP status), while the other requests of the same batch go on."""
 from __future__ import annotations
+
+REASONS = {400: "Bad Request", 409: "Conflict", 503: "Service Unavailable"}
 
 
 class RequestError(Exception):
@@ -16,8 +17,12 @@ class RequestError(Exception):
     def body(self) -> dict:
         return {"error": self.message, "field": self.field}
 
+    @property
+    def reason(self) -> str:
+        """The HTTP reason phrase of this error's status."""
+        return REASONS.get(self.status, "Internal Server Error")
 
-def set_error_status(context, idx: int, error: RequestError) -> None:
-    """The HTTP status and reason phrase of request idx's error (TorchServe's per-request status)."""
-    phrase = {400: "Bad Request", 503: "Service Unavailable"}.get(error.status, "Internal Server Error")
-    context.set_response_status(error.status, phrase, idx)
+
+def internal_error(exc: Exception) -> RequestError:
+    """An unexpected failure, reported as a 500 for the requests it touched."""
+    return RequestError(None, f"internal error: {type(exc).__name__}: {exc}", status=500)

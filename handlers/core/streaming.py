@@ -1,5 +1,5 @@
-"""Streaming responses of the diffusion models: NDJSON progress, preview and result events sent
-while a batch runs, and the per-worker step clock that sets the time budget.
+"""Streaming responses of the diffusion models: NDJSON progress and preview events sent while a
+batch runs, through the server's `Channel`.
 
 A request opts in with `"stream": true` (a request field, not an `Accept` header: it is validated
 and documented with the other fields, survives proxies that rewrite Accept, and is one `-d` in
@@ -10,30 +10,31 @@ curl). Its response is `application/x-ndjson`, one JSON object per line:
     {"event": "result", "response": {...exactly the non-streaming JSON response...}}
     {"event": "error", "error": "...", "field": null, "status": 500}      (instead of result)
 
-TorchServe 0.12 sends them with `send_intermediate_predict_response` (chunked HTTP; the handler's
-return value is the last chunk). Only the streaming requests of a batch are in the message's
-request map, so the others of the same batch get their ordinary response, byte for byte. The
-status, content type and headers of a request are fixed by its first message, so the first
-event (step 0) goes out as soon as the batch is parsed, and later errors travel in-band.
-TorchServe applies `responseTimeout` to each message: a streaming request only has to finish
-one step within it (`BatchedHandler.check_cost`).
+Only the streaming requests of a batch get messages before the end, so the others of the same
+batch get their ordinary response, byte for byte. A request's status, content type and headers go
+out with its first message, so the first event (step 0) is sent as soon as the batch is admitted,
+and later errors travel in-band. A server that restarts its timeout at every message needs a
+streaming request to finish only one step within it (`TimeBudget.check`).
 """
 from __future__ import annotations
 
-import json
 import time
-from typing import Callable
+from typing import Callable, Protocol
 
-from ts.handler_utils.utils import send_intermediate_predict_response
-
-from handlers.core.errors import RequestError
+from handlers.core import answers
+from handlers.core.answers import Reply
+from handlers.core.batch import Group, Pending
 from handlers.core.images import b64_png
 
-NDJSON_TYPE = "application/x-ndjson"
 
+class Channel(Protocol):
+    """How the server sends a request's messages before its last one."""
 
-def ndjson(events: list[dict]) -> bytes:
-    return "".join(json.dumps(e) + "\n" for e in events).encode("utf-8")
+    def open(self, idx: int, head: Reply) -> None:
+        """Fixes status, content type and headers of request `idx` (of the server batch)."""
+
+    def send(self, chunks: dict[int, bytes]) -> None:
+        """One message for each request in `chunks`; the others of the batch get nothing."""
 
 
 def progress_event(step: int, total: int, elapsed_s: float, step_elapsed_s: float) -> dict:
@@ -48,67 +49,32 @@ def preview_event(step: int, total: int, pils: list) -> dict:
     return {"event": "preview", "step": step, "total": total, "images": [b64_png(p) for p in pils]}
 
 
-def result_event(response) -> dict:
-    return {"event": "result", "response": response}
-
-
-def error_event(err: RequestError) -> dict:
-    return {"event": "error", **err.body(), "status": err.status}
-
-
 def wants_preview(params, step: int, total: int) -> bool:
     """Every `preview_every` steps, except at the end (the result follows)."""
     every = params.preview_every
     return bool(every) and step % every == 0 and step < total
 
 
-class StepClock:
-    """Seconds per work unit (an image-step for ddpm, a 512x512 guided step for sd15) as this
-    worker measured them: a warm-up at load, then every group it runs (exponential average).
-    The estimate never goes below the warm-up's batch-1 figure, the slowest per unit on an idle
-    worker: batched groups are faster per unit and must not talk the budget up; a busier machine
-    raises it within a few groups."""
-
-    def __init__(self, warmup_seconds_per_unit: float):
-        self.floor = self.recent = float(warmup_seconds_per_unit)
-
-    def observe(self, seconds: float, units: float) -> None:
-        if units > 0:
-            self.recent = 0.7 * self.recent + 0.3 * seconds / units
-
-    @property
-    def seconds_per_unit(self) -> float:
-        return max(self.floor, self.recent)
-
-
-def seconds_per_call(call: Callable[[], object], repeats: int = 3) -> float:
-    """Mean wall time of call() after one untimed call (allocations, lazy initialisation)."""
-    call()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        call()
-    return (time.perf_counter() - start) / repeats
-
-
 class BatchStreams:
-    """The streaming requests of one TorchServe batch and the messages sent for them."""
+    """The streaming requests of one static batch and the messages sent for them; made and
+    dropped by the loop that runs the batch."""
 
-    def __init__(self, context, pendings: list, batch_size: int, steps_total: Callable):
+    def __init__(self, channel: Channel, pendings: list[Pending], batch_size: int,
+                 steps_total: Callable):
         """`steps_total(params)`: the denoising steps a request will run (its events' `total`)."""
-        self.context = context
-        self.batch_size = batch_size
+        self.channel = channel
         self.started = time.monotonic()
-        self.members = {p.idx: p for p in pendings if p.params.stream}
+        self.members = {p.idx: p for p in pendings if p.streaming}
         self.totals = {idx: steps_total(p.params) for idx, p in self.members.items()}
-        for idx in self.members:  # fixed by the first message
-            context.set_response_content_type(idx, NDJSON_TYPE)
-            context.set_response_header(idx, "X-Batch-Size", str(batch_size))
+        for p in self.members.values():
+            channel.open(p.origin, answers.stream_head(batch_size))
         self.send({idx: [progress_event(0, self.totals[idx], 0.0, 0.0)] for idx in self.members})
 
     def __contains__(self, idx: int) -> bool:
         return idx in self.members
 
-    def progress(self, group, step: int, group_started: float, previews: Callable[[list[int]], list] | None) -> None:
+    def progress(self, group: Group, step: int, group_started: float,
+                 previews: Callable[[list[int]], list] | None) -> None:
         """After `step` steps of `group`: a progress event for each of its streaming requests, and
         previews where due. `previews(image_indexes)` renders the group's current estimate of those
         images (PIL), called once per step for all that need one."""
@@ -129,19 +95,9 @@ class BatchStreams:
         self.send(messages)
 
     def send(self, messages: dict[int, list[dict]]) -> None:
-        if not messages:
-            return
-        ret = [b""] * self.batch_size
-        for idx, events in messages.items():
-            ret[idx] = ndjson(events)
-        req_id_map = {idx: self.context.request_ids[idx] for idx in messages}
-        # code 200 for the whole message: a non-200 intermediate code breaks the other streams of
-        # the batch (DESIGN.md); a request's own errors go in-band.
-        send_intermediate_predict_response(ret, req_id_map, "Intermediate Prediction success", 200, self.context)
+        if messages:
+            self.channel.send({self.members[idx].origin: answers.ndjson(events) for idx, events in messages.items()})
 
-    @staticmethod
-    def last_chunk(outcome) -> bytes:
-        """A streaming request's final message: its result or error event."""
-        if outcome.error is not None:
-            return ndjson([error_event(outcome.error)])
-        return ndjson([result_event(outcome.response)])
+
+def no_progress(group: Group, step: int, group_started: float, previews=None) -> None:
+    """The progress callback of a group without streaming requests."""

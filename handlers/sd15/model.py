@@ -1,4 +1,4 @@
-"""TorchServe handler for the `sd15` model: Stable Diffusion 1.5 txt2img, img2img and inpainting
+"""The `sd15` model: Stable Diffusion 1.5 txt2img, img2img and inpainting
 with diffusers, all three from ONE set of components (the img2img and inpaint pipelines are built
 with `from_pipe`, which shares the UNet, VAE, text encoder and tokenizer).
 
@@ -22,8 +22,10 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
-from handlers.adapter.torchserve import PNG_TYPE, BatchedHandler, Group, Outcome, Pending
+from handlers.core.batch import PNG_TYPE, Group, Outcome, Pending, group_of
 from handlers.core.images import b64_png, encode_png, tensor_to_pil
+from handlers.core.model import ServedModel
+from handlers.core.streaming import no_progress
 from handlers.sd15.request import SCHEDULERS, Sd15Request
 
 logger = logging.getLogger(__name__)
@@ -31,13 +33,14 @@ logger = logging.getLogger(__name__)
 DEMO_WARNING = "demo profile: a randomly initialised smoke-test model; its images are noise"
 
 
-class Sd15Handler(BatchedHandler):
+class Sd15Model(ServedModel):
     """txt2img / img2img / inpainting with batching, seeds, limits and a time budget."""
 
     request_type = Sd15Request
 
-    def initialize(self, context):
-        wdir = self.prepare(context)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        wdir = self.weights
         # A disabled safety checker is not even loaded (it is a 1.2 GB CLIP model in real SD1.5).
         no_checker = {} if self.config.get("safety_checker", True) else {"safety_checker": None}
         try:
@@ -71,19 +74,18 @@ class Sd15Handler(BatchedHandler):
         self.bind_request()
         self.start_clock(self.measure_step())
         self.latent_rgb = latent_rgb_fit(base.vae, self.device, self.dtype)
-        self.initialized = True
         logger.info("sd15: loaded %s on %s (%s)%s", wdir, self.device, self.dtype, " [demo]" if self.demo else "")
 
     def measure_step(self) -> float:
         """Seconds per cost unit, measured at load: one whole 2-step 256x256 txt2img request (text
         encoding, guided UNet calls, VAE decode) over its cost. Its first-call overheads count in, and
         a model's fixed costs weigh more at 256 than at the larger sizes that use most of a budget, so
-        the figure errs slow (make bench: limits.sd15.rate_over_estimate). SD1.5 on a CPU: ~10 s."""
+        the figure errs slow (make bench: limits.sd15.rate_over_estimate)."""
         request = self.request.parse({"prompt": "", "steps": 2, "width": 256, "height": 256, "seed": 0},
                                      self.validation_context())
-        group = Group(shared=request.shared(), requests=[Pending(0, request, png=False, explain=False)])
+        group = group_of(Pending(0, request))
         started = time.perf_counter()
-        self.run_group(group)
+        self.run_group(group, no_progress)
         return (time.perf_counter() - started) / request.cost()
 
     def validation_context(self) -> dict:
@@ -94,7 +96,7 @@ class Sd15Handler(BatchedHandler):
                 "native_size": self.native_size, "safety_checker": self.safety_checker is not None}
 
     # inference ----------------------------------------------------------------------------
-    def run_group(self, group: Group) -> list[tuple]:
+    def run_group(self, group: Group, progress) -> list[tuple]:
         """One pipeline call for the group: per image, (PIL image, nsfw flag or None)."""
         shared = group.shared
         pipe = self.pipes[shared["mode"]]
@@ -112,7 +114,7 @@ class Sd15Handler(BatchedHandler):
 
         def on_step_end(pipe, i, t, tensors):  # diffusers' step callback: progress and previews
             latents = tensors["latents"]
-            self.progress(group, i + 1, started, lambda ids: self.preview(pipe, latents[ids], group, ids))
+            progress(group, i + 1, started, lambda ids: self.preview(pipe, latents[ids], group, ids))
             return tensors
 
         with torch.inference_mode():

@@ -13,9 +13,10 @@ import yaml
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
 
-from handlers.ddpm.model import DdpmHandler
-from handlers.ddpm.request import SCHEDULERS
 from handlers.core.torchscript import FrozenUNet
+from handlers.core.budget import StepClock
+from handlers.ddpm.handler import DdpmHandler
+from handlers.ddpm.request import SCHEDULERS
 from harness.bad_inputs import ddpm_cases
 from harness.context import run_batch
 from harness.inprocess import demo_weights, load_handler, unpack
@@ -135,14 +136,15 @@ def test_bad_input_fails_alone(tiny, case):
 
 def test_batch_over_budget_sheds_with_503(tiny):
     handler, ctx = tiny
-    budget = handler.budget
-    handler.budget = 10  # image-steps: two 5-step requests fit, the third does not
-    try:
+    budget = handler.model.budget
+    measured = budget.clock
+    budget.clock = StepClock(budget.timeout_s * budget.margin / 10)  # 10 image-steps per batch:
+    try:  # two 5-step requests fit, the third does not
         outs = run_batch(handler, ctx, [{"body": {"steps": 5, "seed": i}} for i in range(3)])
         assert [ctx.status(i) for i in range(3)] == [200, 200, 503]
         assert "retry" in json.loads(outs[2])["error"]
     finally:
-        handler.budget = budget
+        budget.clock = measured
 
 
 @pytest.mark.parametrize("channels, size, mode", [(3, 32, "RGB"), (1, (16, 24), "L")], ids=["cifar-like", "non-square"])
@@ -175,20 +177,20 @@ def test_torchscript_unet_gives_the_eager_images(ddpm_handler, tmp_path):
     traced branch of a layout-only `if`), and the demo model's seeded 50-step requests come out
     the same with the knob off, for every scheduler."""
     handler, ctx = ddpm_handler
-    assert isinstance(handler.denoise, FrozenUNet)  # the shipped cpu config turns it on
+    assert isinstance(handler.model.denoise, FrozenUNet)  # the shipped cpu config turns it on
     model_dir = unpack(tmp_path / "eager", "ddpm", demo_weights("ddpm"))
     config = yaml.safe_load((model_dir / "cpu.yaml").read_text())
     config["handler"]["torchscript"] = False
     (model_dir / "cpu.yaml").write_text(yaml.safe_dump(config))
     eager, eager_ctx = load_handler(DdpmHandler, "ddpm", model_dir)
-    assert not isinstance(eager.denoise, FrozenUNet)
+    assert not isinstance(eager.model.denoise, FrozenUNet)
     gen = torch.Generator().manual_seed(0)
     with torch.inference_mode():
         for batch in (1, 3, 70):
-            x = torch.randn((batch, *handler.shape), generator=gen)
+            x = torch.randn((batch, *handler.model.shape), generator=gen)
             t = torch.randint(0, 1000, (batch,), generator=gen)
-            assert torch.allclose(handler.denoise(x, t), eager.denoise(x, t), atol=1e-5), batch
-            assert torch.allclose(handler.denoise(x, t[0]), eager.denoise(x, t[0]), atol=1e-5), batch  # scalar t
+            assert torch.allclose(handler.model.denoise(x, t), eager.model.denoise(x, t), atol=1e-5), batch
+            assert torch.allclose(handler.model.denoise(x, t[0]), eager.model.denoise(x, t[0]), atol=1e-5), batch  # scalar t
     for scheduler in SCHEDULERS:
         req = [{"body": {"steps": 50, "seed": 5, "num_images": 2, "scheduler": scheduler}}]
         (frozen,) = run_batch(handler, ctx, req)

@@ -23,7 +23,7 @@ import yaml
 from PIL import Image
 from ts.protocol.otf_message_handler import create_predict_response
 
-from handlers.ddpm.model import DdpmHandler
+from handlers.ddpm.handler import DdpmHandler
 from handlers.ddpm.request import SCHEDULERS
 from harness import REPO
 from harness.bad_inputs import ddpm_cases
@@ -123,9 +123,9 @@ def handlers(tmp_path_factory):
     pair = [load_handler(DdpmHandler, "ddpm", unpack(root / target, "ddpm", weights, target), target)
             for target in ("cpu", "cpu-step")]
     step = pair[1][0]
-    assert step.step_slice_s == yaml.safe_load((REPO / "model_configs/ddpm/cpu-step.yaml").read_text()
+    assert step.model.step_slice_s == yaml.safe_load((REPO / "model_configs/ddpm/cpu-step.yaml").read_text()
                                                )["handler"]["step_slice_ms"] / 1000 > 0
-    step.step_slice_s = 0.0
+    step.model.step_slice_s = 0.0
     return pair
 
 
@@ -148,8 +148,8 @@ MIXED = [  # every scheduler, different steps, eta and num_images
 
 def test_handler_knows_its_mode(handlers):
     (static, _), (step, _) = handlers
-    assert static.step_level is False and step.step_level is True
-    assert (static.lane_count, step.lane_count) == (1, 2)  # unet_lanes of cpu-step.yaml
+    assert static.step_loop is None and step.step_loop is not None
+    assert not static.model.stepping and step.model.lane_count == 2  # unet_lanes of cpu-step.yaml
 
 
 def test_lanes_split_requests_balanced_by_remaining_work(handlers):
@@ -163,11 +163,11 @@ def test_lanes_split_requests_balanced_by_remaining_work(handlers):
 
     # remaining work 200, 10, 10, 10, 20, 30: the 50-step 4-image request alone in its lane
     flights = [flight(4, 50), flight(1, 10), flight(1, 10), flight(1, 10), flight(2, 10), flight(3, 10)]
-    assert step.lane_members(flights) == [[0], [1, 2, 3, 4, 5]]
+    assert step.model.lane_members(flights) == [[0], [1, 2, 3, 4, 5]]
     # steps already taken count: 4 x 5 left = 20 is now less than the 3-image request's 30 (first)
     flights = [flight(4, 50, done=45), flight(1, 10), flight(3, 10)]
-    assert step.lane_members(flights) == [[2], [0, 1]]
-    assert step.lane_members(flights[:1]) == [[0]]
+    assert step.model.lane_members(flights) == [[2], [0, 1]]
+    assert step.model.lane_members(flights[:1]) == [[0]]
 
 
 def test_lanes_step_on_their_own(handlers):
@@ -178,16 +178,16 @@ def test_lanes_step_on_their_own(handlers):
     _, (step, ctx) = handlers
     worker = ContinuousWorker(step, ctx, batch_size=4)
     bodies = {"long": {"steps": 40, "seed": 1}, "short": {"steps": 3, "seed": 2, "num_images": 3}}
-    step.step_slice_s = 60.0  # a slice longer than any loop: each call runs until a request finishes
+    step.model.step_slice_s = 60.0  # a slice longer than any loop: each call runs until a request finishes
     try:
         for rid, body in bodies.items():
             worker.submit(rid, body)
         worker.step()
-        assert len(worker.live) <= 1 and set(step.flights) == set(worker.live)  # finished = answered
-        assert all(f.k >= 1 for f in step.flights.values())
+        assert len(worker.live) <= 1 and set(step.step_loop.in_flight) == set(worker.live)  # finished = answered
+        assert all(f.k >= 1 for t in step.step_loop.in_flight.values() for f in t.flights.values())
         worker.drain()
     finally:
-        step.step_slice_s = 0.0
+        step.model.step_slice_s = 0.0
     for rid, body in bodies.items():
         assert worker.answers[rid].status == 200
         assert_same_response(worker.answers[rid].body, static_alone(handlers, body)[0])
@@ -205,7 +205,7 @@ def test_alone_is_byte_identical_to_static(handlers, scheduler):
     assert ans.status == 200 and ans.calls == 5 and ans.streamed
     assert ans.body == want.encode()
     assert ans.chunks[:-1] == [b""] * 4  # a client that does not stream sees only the final body
-    assert step.flights == {}
+    assert step.step_loop.in_flight == {}
 
 
 def test_requests_joining_mid_loop_match_alone_and_static_batch(handlers):
@@ -229,7 +229,7 @@ def test_requests_joining_mid_loop_match_alone_and_static_batch(handlers):
         assert_same_response(ans.body, in_static_batch)
         assert ans.calls == body["steps"]  # one step per call, answered at its last step
     assert max(int(a.headers["X-Batch-Size"]) for a in worker.answers.values()) == 3
-    assert step.flights == {}
+    assert step.step_loop.in_flight == {}
 
 
 def test_bad_input_fails_alone_and_the_others_continue(handlers):
@@ -271,7 +271,7 @@ def test_a_time_slice_runs_steps_until_a_request_finishes(handlers, monkeypatch)
     others continue in the next. So every call answers at least one request, and the answers are
     those of one step per call (the same per-request state, stepped alike)."""
     _, (step, ctx) = handlers
-    monkeypatch.setattr(step, "step_slice_s", 3600.0)
+    monkeypatch.setattr(step.model, "step_slice_s", 3600.0)
     worker = ContinuousWorker(step, ctx, batch_size=16)
     for rid, body in MIXED:
         worker.submit(rid, body)
@@ -290,7 +290,7 @@ def test_a_time_slice_runs_steps_until_a_request_finishes(handlers, monkeypatch)
     assert [e["step"] for e in events if e["event"] == "progress"] == [1, 2, 3, 4, 5, 6]  # every step's event
     assert [e["step"] for e in events if e["event"] == "preview"] == [2, 4]
     assert events[-1]["event"] == "result"
-    assert step.flights == {}
+    assert step.step_loop.in_flight == {}
 
 
 def test_png_and_trajectory_match_static(handlers):
@@ -318,10 +318,10 @@ def test_state_of_a_dropped_request_is_freed(handlers):
     worker.submit("stays", {"steps": 4, "seed": 1})
     worker.submit("leaves", {"steps": 50, "seed": 2})
     worker.step()
-    assert set(step.flights) == {"stays", "leaves"}
+    assert set(step.step_loop.in_flight) == {"stays", "leaves"}
     worker.live.remove("leaves")
     worker.drain()
-    assert step.flights == {}
+    assert step.step_loop.in_flight == {}
     assert worker.answers["stays"].body == static_alone(handlers, {"steps": 4, "seed": 1})[0].encode()
 
 

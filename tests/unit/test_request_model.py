@@ -7,9 +7,9 @@ import json
 import pytest
 import yaml
 
-from handlers.cam.model import CamHandler
-from handlers.ddpm.model import DdpmHandler
-from handlers.sd15.model import Sd15Handler
+from handlers.cam.handler import CamHandler
+from handlers.ddpm.handler import DdpmHandler
+from handlers.sd15.handler import Sd15Handler
 from harness import REPO
 from harness.api_docs import DOCS, schema_text
 from harness.context import run_batch
@@ -57,7 +57,7 @@ def test_describe_reports_schema_limits_and_capabilities(handlers, model):
 def test_limits_come_from_the_archives_target(tmp_path):
     arm = yaml.safe_load((REPO / "model_configs" / "sd15" / "arm64.yaml").read_text())["handler"]
     handler, ctx = load_handler(Sd15Handler, "sd15", unpack(tmp_path, "sd15", demo_weights("sd15"), "arm64"), "arm64")
-    props = handler.request.json_schema()["properties"]
+    props = handler.model.request.json_schema()["properties"]
     assert props["width"]["anyOf"][0]["maximum"] == arm["max_size"] == 768
     assert props["num_images"]["maximum"] == arm["max_num_images"]
     (out,) = run_batch(handler, ctx, [{"body": {"prompt": "x", "width": 1024, "height": 64, "steps": 1}}])
@@ -80,8 +80,8 @@ def test_per_request_fields_stay_per_request_in_one_group(cam_handler, monkeypat
     pass and each get their own values."""
     handler, ctx = cam_handler
     groups = []
-    run_group = handler.run_group
-    monkeypatch.setattr(handler, "run_group", lambda g: groups.append(g) or run_group(g))
+    run_group = handler.model.run_group
+    monkeypatch.setattr(handler.model, "run_group", lambda g, progress: groups.append(g) or run_group(g, progress))
     images, _ = digits.load_arrays()
     import base64
     img = base64.b64encode(png_bytes(digits.to_pil(images[0], 64))).decode()
@@ -97,8 +97,8 @@ def test_per_request_fields_stay_per_request_in_one_group(cam_handler, monkeypat
 def test_per_request_trajectory_in_one_ddpm_group(ddpm_handler, monkeypatch):
     handler, ctx = ddpm_handler
     groups = []
-    run_group = handler.run_group
-    monkeypatch.setattr(handler, "run_group", lambda g: groups.append(g) or run_group(g))
+    run_group = handler.model.run_group
+    monkeypatch.setattr(handler.model, "run_group", lambda g, progress: groups.append(g) or run_group(g, progress))
     outs = run_batch(handler, ctx, [{"body": {"steps": 3, "seed": 1, "num_images": 2}},
                                     {"body": {"steps": 3, "seed": 2, "trajectory": True}}])
     a, b = (json.loads(o) for o in outs)
@@ -110,8 +110,8 @@ def test_per_request_trajectory_in_one_ddpm_group(ddpm_handler, monkeypatch):
 def test_a_batched_field_splits_the_group(ddpm_handler, monkeypatch):
     handler, ctx = ddpm_handler
     groups = []
-    run_group = handler.run_group
-    monkeypatch.setattr(handler, "run_group", lambda g: groups.append(g) or run_group(g))
+    run_group = handler.model.run_group
+    monkeypatch.setattr(handler.model, "run_group", lambda g, progress: groups.append(g) or run_group(g, progress))
     outs = run_batch(handler, ctx, [{"body": {"steps": 3, "seed": 1}}, {"body": {"steps": 4, "seed": 1}},
                                     {"body": {"steps": 3, "seed": 5}}])
     assert [len(g.requests) for g in groups] == [2, 1]
@@ -121,9 +121,9 @@ def test_a_batched_field_splits_the_group(ddpm_handler, monkeypatch):
 @pytest.mark.parametrize("model", sorted(HANDLERS))
 def test_handler_module_has_the_one_class_torchserve_loads(model):
     """TorchServe's model loader refuses a handler module that defines more than one class, so
-    the request types live in handlers/<model>_request.py."""
+    the model, its request and the adapter live in modules of their own (handlers/<model>/)."""
     import importlib
 
     from ts.utils.util import list_classes_from_module
 
-    assert list_classes_from_module(importlib.import_module(f"handlers.{model}")) == [HANDLERS[model]]
+    assert list_classes_from_module(importlib.import_module(f"handlers.{model}.handler")) == [HANDLERS[model]]

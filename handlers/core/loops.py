@@ -1,0 +1,253 @@
+"""The loops that run a model over a server's batches, and the admission they share.
+
+* `StaticLoop`: one call answers its whole batch. Requests are admitted (parsed, budgeted),
+  grouped by their batched fields, each group runs as one forward pass, and every request gets
+  exactly one answer, in order; streaming requests get NDJSON events while their group runs.
+* `StepLoop`: step-level (continuous) batching. Requests stay in flight across calls, followed by
+  the server's request id; each call runs one time slice of steps of every request in flight and
+  answers those that finished. The state of the requests in flight is the loop's own.
+
+Every answer is written by handlers/core/answers.py.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from handlers.core import answers, kserve
+from handlers.core.answers import Reply
+from handlers.core.batch import (JSON_TYPE, KSERVE_V2, NDJSON_TYPE, PNG_TYPE, REST, Admitted, Group, Incoming,
+                                 Outcome, Pending)
+from handlers.core.bodies import json_body
+from handlers.core.budget import charge, streaming
+from handlers.core.errors import RequestError, internal_error
+from handlers.core.model import ServedModel
+from handlers.core.streaming import BatchStreams, Channel, no_progress
+
+logger = logging.getLogger(__name__)
+
+BUSY = "server busy: this batch is at its time budget; retry"
+
+
+@dataclass
+class Server:
+    """What the loops need to know of the server: names for KServe v2 answers, and the most
+    model requests one KServe v1 request may carry (its batch size)."""
+
+    model_name: str
+    model_version: str | None = None
+    max_instances: int | None = None
+
+
+def admit(model: ServedModel, inc: Incoming, flat: list, server: Server) -> Admitted:
+    """One request -> its model requests appended to `flat` (a Pending, or the RequestError that
+    refused it), each parsed, checked against the time budget, with what its request asked for."""
+    req = Admitted(inc)
+    try:
+        if inc.protocol == REST:
+            bodies = [("", inc.body)]
+        elif inc.protocol == KSERVE_V2:
+            fields, meta = kserve.unwrap_v2(json_body(inc.body))
+            req.v2_id, req.wanted_outputs = meta["id"], meta.get("outputs")
+            bodies = [("", fields)]
+        else:
+            instances = kserve.unwrap_v1(json_body(inc.body), kserve.image_field(model.request), server.max_instances)
+            bodies = [(f"instances[{i}]", b) for i, b in enumerate(instances)]
+    except RequestError as err:
+        req.error = err
+        return req
+    for label, body in bodies:
+        try:
+            if inc.protocol != REST and not isinstance(body, dict):
+                raise RequestError(None, f"must be a JSON object of the model's fields, got {type(body).__name__}")
+            params = model.parse(body)
+            if inc.protocol != REST and streaming(params):  # KServe's protocols answer once per request
+                raise RequestError("stream", "'stream' is not available over the KServe protocol; "
+                                             "use /predictions/<model> for NDJSON progress events")
+            model.budget.check(params)
+            png = inc.protocol == REST and inc.wants_png and model.png_ok(params)
+            item = Pending(len(flat), params, png=png, explain=inc.explain, origin=inc.idx)
+        except RequestError as err:
+            item = err
+        req.members.append((label, len(flat)))
+        flat.append(item)
+    return req
+
+
+def answer(req: Admitted, outcomes: list[Outcome], batch_size: int, server: Server) -> Reply:
+    """A request's answer in its protocol, from the outcomes of its model requests."""
+    if req.error is not None:
+        return answers.refused(req, batch_size, server.model_name, server.model_version)
+    if req.incoming.protocol == REST:
+        ((_, i),) = req.members
+        return answers.rest(outcomes[i], batch_size)
+    return answers.kserve_reply(req, outcomes, batch_size, server.model_name, server.model_version)
+
+
+def run_group(model: ServedModel, members: list[Pending], progress) -> list[Outcome]:
+    """One forward pass for requests that share their batched fields; one outcome per request.
+    A failing group fails its own requests only."""
+    group = Group(shared=members[0].params.shared(), requests=members)
+    try:
+        started = time.perf_counter()
+        results = model.run_group(group, progress)
+        model.budget.observe(time.perf_counter() - started, sum(p.params.cost() for p in members))
+        outcomes, start = [], 0
+        for p in members:
+            n = p.params.images_requested
+            outcomes.append(model.respond(p, results[start : start + n]))
+            start += n
+        return outcomes
+    except RequestError as err:
+        return [Outcome(error=err)] * len(members)
+    except Exception as exc:  # noqa: BLE001 - one failing group must not fail the batch
+        logger.exception("group of %d requests failed", len(members))
+        return [Outcome(error=internal_error(exc))] * len(members)
+
+
+class StaticLoop:
+    """One call answers its whole batch (see the module docstring)."""
+
+    def __init__(self, model: ServedModel, server: Server):
+        self.model = model
+        self.server = server
+
+    def run(self, batch: list[Incoming], channel: Channel | None) -> list[Reply]:
+        """`channel`: where streaming requests' events go (None: nobody to stream to, e.g. an
+        in-process caller; they are answered with their final message only)."""
+        flat: list = []
+        admitted = [admit(self.model, inc, flat, self.server) for inc in batch]
+        spent = 0.0
+        for i, item in enumerate(flat):
+            if isinstance(item, Pending):
+                spent += charge(item.params)
+                if spent > self.model.budget.units:
+                    flat[i] = RequestError(None, BUSY, 503)
+        outcomes: list[Any] = [Outcome(error=p) if isinstance(p, RequestError) else None for p in flat]
+        pendings = [p for p in flat if isinstance(p, Pending)]
+        streamed = [p for p in pendings if p.streaming]
+        streams = BatchStreams(channel, streamed, len(batch), self.model.steps_total) if streamed and channel else None
+        groups: dict[tuple, list[Pending]] = {}
+        for p in pendings:
+            groups.setdefault(p.params.batch_key(), []).append(p)
+        for members in groups.values():
+            for p, outcome in zip(members, run_group(self.model, members, streams.progress if streams else no_progress)):
+                outcomes[p.idx] = outcome
+        replies = []
+        for req in admitted:
+            if req.error is None and streams is not None and req.members[0][1] in streams:
+                replies.append(answers.later(answers.stream_end(outcomes[req.members[0][1]])))
+            else:
+                replies.append(answer(req, outcomes, len(batch), self.server))
+        return replies
+
+
+@dataclass
+class InFlight:
+    """One request of the step-level loop across calls: its model requests, their flights (the
+    model's sampling state) while they run, and their outcomes once ended."""
+
+    req: Admitted
+    pendings: list
+    flights: dict[int, Any] = field(default_factory=dict)
+    outcomes: dict[int, Outcome] = field(default_factory=dict)
+
+    @property
+    def ended(self) -> bool:
+        return self.req.error is not None or len(self.outcomes) == len(self.pendings)
+
+    @property
+    def streamed(self) -> bool:
+        """A REST request with `stream`: its events go out as its flight runs."""
+        p = self.pendings[0] if self.pendings else None
+        return self.req.incoming.protocol == REST and isinstance(p, Pending) and p.streaming
+
+    def content_type(self) -> str:
+        p = self.pendings[0]
+        if self.req.incoming.protocol == REST and isinstance(p, Pending):
+            return NDJSON_TYPE if p.streaming else PNG_TYPE if p.png else JSON_TYPE
+        return JSON_TYPE
+
+
+class StepLoop:
+    """Step-level batching (see the module docstring). The model implements the step hooks:
+
+        start_stepping()              once, when the loop is made
+        take_off(pending) -> flight   a request's own sampling state (`.done`, `.events`)
+        run_slice(flights)            steps of these flights for one time slice
+        land(flight) -> results       one result per image, as run_group gives them
+
+    `run` returns, per request, its message and whether it ended: None = answered in its first
+    call (an ordinary response), False = still running (this message is a chunk), True = its
+    last chunk."""
+
+    def __init__(self, model: ServedModel, server: Server):
+        if not model.can_step:
+            raise ValueError(f"{type(model).__name__} has no step-level loop; remove continuousBatching from its config")
+        model.start_stepping()
+        self.model = model
+        self.server = server
+        self.in_flight: dict[str, InFlight] = {}
+
+    def run(self, batch: list[Incoming]) -> list[tuple[Reply, bool | None]]:
+        ids = [inc.request_id for inc in batch]
+        for gone in set(self.in_flight) - set(ids):  # the server dropped it (client closed)
+            del self.in_flight[gone]
+        new = set()
+        for inc in batch:
+            if inc.request_id not in self.in_flight:
+                new.add(inc.idx)
+                self.in_flight[inc.request_id] = self.take_off(inc)
+        active = [f for rid in ids for f in self.in_flight[rid].flights.values()]
+        try:
+            if active:
+                self.model.run_slice(active)
+        except Exception as exc:  # noqa: BLE001 - reported to every request of this slice
+            logger.exception("step of %d requests failed", len(active))
+            for rid in ids:
+                t = self.in_flight[rid]
+                t.outcomes.update({i: Outcome(error=internal_error(exc)) for i in t.flights})
+                t.flights.clear()
+        return [self.message(self.in_flight[inc.request_id], inc, first=inc.idx in new, batch_size=len(batch))
+                for inc in batch]
+
+    def take_off(self, inc: Incoming) -> InFlight:
+        flat: list = []
+        t = InFlight(admit(self.model, inc, flat, self.server), flat)
+        for i, item in enumerate(flat):
+            if isinstance(item, RequestError):
+                t.outcomes[i] = Outcome(error=item)
+                continue
+            try:
+                t.flights[i] = self.model.take_off(item)
+            except Exception as exc:  # noqa: BLE001 - one failing request must not fail the others
+                logger.exception("admitting request %s failed", inc.request_id)
+                t.outcomes[i] = Outcome(error=internal_error(exc))
+        return t
+
+    def message(self, t: InFlight, inc: Incoming, first: bool, batch_size: int) -> tuple[Reply, bool | None]:
+        events: list[dict] = []
+        if t.streamed and 0 in t.flights:
+            events, t.flights[0].events = t.flights[0].events, []
+        for i, f in list(t.flights.items()):
+            if f.done:
+                del t.flights[i]
+                try:
+                    t.outcomes[i] = self.model.respond(t.pendings[i], self.model.land(f))
+                except Exception as exc:  # noqa: BLE001
+                    logger.exception("answering request %s failed", inc.request_id)
+                    t.outcomes[i] = Outcome(error=internal_error(exc))
+        if not t.ended:
+            body = answers.ndjson(events) if events else b""
+            return (answers.running(t.content_type(), batch_size, body) if first else answers.later(body)), False
+        del self.in_flight[inc.request_id]
+        outcomes = [t.outcomes[i] for i in range(len(t.pendings))]
+        if t.streamed:
+            body = answers.stream_end(outcomes[0], events if outcomes[0].error is None else [])
+            return (answers.running(NDJSON_TYPE, batch_size, body) if first else answers.later(body)), \
+                None if first else True
+        reply = answer(t.req, outcomes, batch_size, self.server)
+        # After its first message a request's status is fixed (200): a later error goes in its body.
+        return (reply, None) if first else (answers.later(reply.body), True)
