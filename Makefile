@@ -4,36 +4,37 @@ TARGET ?= cpu
 PY := .venv/bin/python
 UI_PY := .venv-ui/bin/python
 export HF_HUB_OFFLINE ?= 1
-export PYTHONPATH := $(CURDIR)
 # Targets are discovered: every model_configs/<model>/<target>.yaml (archive.sh checks TARGET).
 TARGETS := $(sort $(basename $(notdir $(wildcard model_configs/*/*.yaml))))
 # The venv's activate exports TS_CONFIG_FILE (see setup); TorchServe lets it override
 # --ts-config, so recipes (tests, benchmarks: private servers with their own config) never see it.
 unexport TS_CONFIG_FILE
 
-.PHONY: help setup weights archive kserve quality start stop ui browser demo test test-unit test-integration test-arm64 bench reliability compare clean
+.PHONY: help setup weights archive kserve quality start stop ui browser demo lint test test-unit test-integration test-arm64 bench reliability compare clean
 
 help:
-	@echo "make setup                    create .venv with the pinned requirements (checks Java 17)"
+	@echo "make setup                    create .venv: pip install -e '.[serve,train,dev]' (pins: pyproject.toml; checks Java 17)"
 	@echo "make weights  [PROFILE=demo|pretrained]   build/prepare the weights directories"
 	@echo "make archive  [PROFILE=..] [TARGET=$(subst $(eval) ,|,$(TARGETS))]   build .mar archives into model_store/"
-	@echo "make kserve   [PROFILE=..] [TARGET=..]   KServe storage layout -> outputs/kserve/<target>/ (docs/SCALING.md)"
+	@echo "make kserve   [PROFILE=..] [TARGET=..]   KServe storage layout -> outputs/kserve/<target>/ (docs/kserve.md)"
 	@echo "make start / make stop        run TorchServe with config.properties (waits until READY)"
 	@echo "make ui [UI_ARGS=...]         web playground on http://127.0.0.1:7860 (starts TorchServe if none answers)"
 	@echo "make demo                     everything on a fresh machine; outputs in outputs/"
-	@echo "make test                     unit + integration + browser tests (offline, starts its own TorchServe)"
+	@echo "make lint                     ruff check . (config in pyproject.toml)"
+	@echo "make test                     lint, then unit + integration + browser tests (offline, starts its own TorchServe)"
 	@echo "make test-arm64 [ARM64_UNIT=..]   the arm64 archives on aarch64 (qemu; needs root + apt): unit, served, x86 vs aarch64"
 	@echo "make bench                    benchmarks -> benchmarks/results/latest.{json,md}, then make quality"
 	@echo "make quality                  sd15 demo model judged by the cam classifier -> benchmarks/results/sd15-quality.*"
-	@echo "make reliability              load + faults + bad input -> docs/RELIABILITY.md"
-	@echo "make compare                  fine-tuning lab: cam 2.0 on shifted digits vs 1.0 -> outputs/compare.*"
+	@echo "make reliability              load + faults + bad input -> docs/reliability.md"
+	@echo "make compare                  fine-tuning lab (lab/): cam 2.0 on shifted digits vs 1.0 -> outputs/compare.*"
 
-.venv/.installed: requirements.txt
+# Editable: the packages of pyproject.toml (not handlers: the workers import those from the archives).
+.venv/.installed: pyproject.toml
 	@command -v java >/dev/null 2>&1 || { echo "Java 17 is required by TorchServe and was not found. Install it: 'sudo apt-get install openjdk-17-jre-headless' (Debian/Ubuntu), 'brew install openjdk@17' (macOS)"; exit 1; }
 	@v=$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1); \
 	  [ "$${v:-0}" -ge 17 ] || { echo "TorchServe needs Java 17 or newer; found Java $${v:-unknown}. Install openjdk-17-jre-headless."; exit 1; }
 	@[ -x .venv/bin/python ] || python3 -m venv .venv
-	.venv/bin/pip install --disable-pip-version-check -q -r requirements.txt
+	.venv/bin/pip install --disable-pip-version-check -q -e '.[serve,train,dev]'
 	@touch $@
 
 # `source .venv/bin/activate && torchserve --start` then uses config.properties (TorchServe reads
@@ -54,7 +55,7 @@ archive: weights
 # KServe storage layout: config/config.properties (model_snapshot with the target's batch
 # settings) + model-store/ (hard links to the archives); upload it to the InferenceService's storageUri.
 kserve: archive
-	$(PY) -m harness.kserve --profile $(PROFILE) --target $(TARGET)
+	$(PY) -m deploy.kserve_layout --profile $(PROFILE) --target $(TARGET)
 
 # Workers import the handlers from the archives, not from this tree (no PYTHONPATH).
 start: setup
@@ -65,10 +66,10 @@ start: setup
 stop:
 	-.venv/bin/torchserve --stop
 
-# The web playground's own venv: gradio's dependencies must not move the pins of requirements.txt.
-.venv-ui/.installed: requirements-ui.txt
+# The web playground's own venv: gradio's dependencies must not move the serving pins (pyproject.toml's ui extra).
+.venv-ui/.installed: pyproject.toml
 	@[ -x $(UI_PY) ] || python3 -m venv .venv-ui
-	.venv-ui/bin/pip install --disable-pip-version-check -q -r requirements-ui.txt
+	.venv-ui/bin/pip install --disable-pip-version-check -q -e '.[ui]'
 	@touch $@
 
 # Gradio app (ui/app.py) on 127.0.0.1:7860; UI_ARGS="--host 0.0.0.0 --auth user:password" etc.
@@ -84,10 +85,15 @@ browser:
 	  sudo=""; [ "$$(id -u)" = 0 ] || sudo=sudo; \
 	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium chromium-driver; }
 
+# The cam inputs (a few held-out digits) are written first: the clients import nothing of weights/.
 demo: archive
+	$(PY) -m weights.digits outputs/inputs >/dev/null
 	$(PY) -m clients.demo
 
-test: archive .venv-ui/.installed browser
+lint: setup
+	$(PY) -m ruff check .
+
+test: lint archive .venv-ui/.installed browser
 	$(PY) -m pytest tests -q
 
 test-unit: weights
@@ -96,8 +102,8 @@ test-unit: weights
 test-integration: archive
 	$(PY) -m pytest tests/integration -q
 
-# aarch64 under qemu user-mode emulation on an x86 machine (README, "Targets"). The userland
-# (Debian bookworm + .venv with requirements.txt, ~4 GB) is built once into ARM64_ROOT; .ci/run
+# aarch64 under qemu user-mode emulation on an x86 machine (docs/targets.md). The userland
+# (Debian bookworm + a venv with pyproject.toml's pins, ~4 GB) is built once into ARM64_ROOT; .ci/run
 # points it outside the clone so fresh CI clones reuse it. ARM64_UNIT: the unit tests run on
 # aarch64 (the handlers' real code paths); `ARM64_UNIT=` skips them, `ARM64_UNIT=tests/unit`
 # runs them all (~26 min emulated).
@@ -119,13 +125,13 @@ bench: archive
 
 # What the sd15 demo model draws, judged by the cam classifier (~5 min): benchmarks/results/sd15-quality.*
 quality: weights
-	$(PY) -m weights.eval_sd15_quality
+	$(PY) -m benchmarks.eval_sd15_quality
 
 reliability: archive
 	$(PY) -m benchmarks.reliability
 
 compare: setup
-	$(PY) -m clients.lab
+	$(PY) -m lab.run
 
 clean:
 	rm -rf model_store/*.mar model_store/sd15 model_store/.*.fingerprint outputs logs data weights/finetuned

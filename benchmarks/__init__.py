@@ -1,1 +1,2 @@
-"""Benchmarks (`make bench`): in-process vs. served throughput, latency and cost ratios."""
+"""Benchmarks (`make bench`): in-process vs. served throughput, latency and cost ratios; the
+models' quality evaluators (`make quality`, eval_*.py). They write benchmarks/results/."""

@@ -21,7 +21,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from benchmarks.measure import interleaved, latency_ms, load
-from handlers.cam.model import CamHandler
+from handlers.cam.handler import CamHandler
 from harness import REPO
 from harness.context import run_batch
 from harness.inprocess import load_handler, png_bytes, unpack
@@ -42,14 +42,14 @@ def run() -> dict:
     torch.set_num_threads(cpu_threads)
     images, _ = digits.load_arrays()
     pngs = [png_bytes(digits.to_pil(im, 64)) for im in images[:batch_size]]
-    batch = torch.stack([handler.to_tensor(handler.crop(digits.to_pil(im, 64).convert("RGB")))
+    batch = torch.stack([handler.model.to_tensor(handler.model.crop(digits.to_pil(im, 64).convert("RGB")))
                          for im in images[:batch_size]])
     targets = [None] * batch_size
-    gradcam = GradCAM(model=handler.model, target_layers=[handler.model.layer4])
+    gradcam = GradCAM(model=handler.model.net, target_layers=[handler.model.net.layer4])
     gc_targets = [ClassifierOutputTarget(0)] * batch_size
     t = interleaved({
-        "classify": lambda: handler.classify(batch),
-        "fast_cam": lambda: handler.fast_cam(batch, targets),
+        "classify": lambda: handler.model.classify(batch),
+        "fast_cam": lambda: handler.model.fast_cam(batch, targets),
         "gradcam_library": lambda: gradcam(input_tensor=batch, targets=gc_targets),
     }, repeats=15)
     rows = [{"body": p} for p in pngs]

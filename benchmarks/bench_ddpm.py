@@ -35,7 +35,7 @@ CONFIG = REPO / "model_configs/ddpm/cpu.yaml"
 
 def raw_worker(threads: int, batch: int, barrier, rates) -> None:
     """One in-process sampler: waits at the barrier, times 3 batches, reports images/s; repeats."""
-    from handlers.ddpm.model import DdpmHandler
+    from handlers.ddpm.handler import DdpmHandler
     from harness.context import run_batch
     from harness.inprocess import load_handler, unpack
 

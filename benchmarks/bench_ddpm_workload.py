@@ -133,7 +133,7 @@ def raw_step_loop() -> None:
     requests fill free slots at each step); prints `images/s X` per stdin line."""
     import torch
 
-    from handlers.ddpm.model import DdpmHandler
+    from handlers.ddpm.handler import DdpmHandler
     from harness.inprocess import load_handler
 
     cfg = configs()["ddpm_step"]

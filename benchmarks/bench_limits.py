@@ -28,12 +28,12 @@ import torch
 import yaml
 from PIL import Image
 
-from handlers.cam.model import CamHandler
-from handlers.ddpm.model import DdpmHandler
-from handlers.sd15.model import Sd15Handler
+from deploy.targets import config_path
+from handlers.cam.handler import CamHandler
+from handlers.ddpm.handler import DdpmHandler
+from handlers.sd15.handler import Sd15Handler
 from harness.context import run_batch
 from harness.inprocess import demo_weights, load_handler, png_bytes, unpack
-from harness.targets import config_path
 
 TARGET = "cpu"
 DIFFUSION_REPEATS = 5
@@ -72,8 +72,8 @@ def batch_seconds(handler, ctx, rows: list, repeats: int) -> list[float]:
 def diffusion_rate(model: str) -> dict:
     cls, body = DIFFUSION[model]
     handler, ctx = loaded(cls, model)
-    estimate = 1 / handler.clock.seconds_per_unit  # before any group updates it: the load-time figure
-    units = handler.parse({"body": body}).cost()
+    estimate = 1 / handler.model.budget.clock.seconds_per_unit  # before any group updates it: the load-time figure
+    units = handler.model.parse(body).cost()
     rows = [{"body": body}]
     batch_seconds(handler, ctx, rows, 1)  # warm-up
     seconds = statistics.median(batch_seconds(handler, ctx, rows, DIFFUSION_REPEATS))

@@ -4,7 +4,7 @@
   batch of 4 requests (same torch threads as the worker).
 - overhead_ms_c1: served latency at concurrency 1 minus the in-process time of one request.
 - archive_time_ratio: ./archive.sh sd15 on a large synthetic SD-layout weights directory
-  (weights/make_big_weights_dir.py) / `cp -r` of the same directory (wall time of each command,
+  (benchmarks/make_big_weights_dir.py) / `cp -r` of the same directory (wall time of each command,
   median of 4 alternating runs).
 
 The machine is shared with other jobs: `load_avg_1m` records how busy it was. In-process and
@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from benchmarks.measure import interleaved, latency_ms, load
-from handlers.sd15.model import Sd15Handler
+from handlers.sd15.handler import Sd15Handler
 from harness import REPO
 from harness.context import run_batch
 from harness.inprocess import load_handler, unpack
@@ -38,7 +38,7 @@ ROUNDS = 7  # a round: 4 in-process and 6 served batches; per-round ratios sprea
 
 def archive_ratio(scratch: Path) -> dict:
     big = scratch / "big-sd15"
-    subprocess.run([str(REPO / ".venv/bin/python"), "-m", "weights.make_big_weights_dir", "--out", str(big),
+    subprocess.run([str(REPO / ".venv/bin/python"), "-m", "benchmarks.make_big_weights_dir", "--out", str(big),
                     "--size-gb", str(BIG_GB)], cwd=REPO, check=True)
     def timed(cmd: list[str]) -> float:
         subprocess.run(["sync"], check=True)  # start each run with no writes pending

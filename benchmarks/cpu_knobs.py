@@ -31,11 +31,11 @@ from pathlib import Path
 
 import torch
 
-from handlers.cam.model import CamHandler
 from handlers.cam.classifier import preprocess, read_config
-from handlers.ddpm.model import DdpmHandler
-from handlers.sd15.model import Sd15Handler
+from handlers.cam.handler import CamHandler
 from handlers.core.torchscript import FrozenUNet
+from handlers.ddpm.handler import DdpmHandler
+from handlers.sd15.handler import Sd15Handler
 from harness.inprocess import demo_weights, load_handler, unpack
 from weights import digits
 
@@ -90,7 +90,7 @@ def cam_knobs() -> dict:
     truth = torch.as_tensor(labels[test])
     judged = len(test) - 200  # the first 200 calibrate int8
     batch = held_out[:8]
-    model = handler.model.eval()
+    model = handler.model.net.eval()
     cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
     compiled = torch.compile(copy.deepcopy(model))
     from torch.ao.quantization import get_default_qconfig_mapping
@@ -114,12 +114,12 @@ def cam_knobs() -> dict:
         accuracy = {k: round(float((f(held_out[200:]).argmax(1) == truth[200:]).float().mean()), 4)
                     for k, f in forwards.items()}
         # The CAM maps as the handler makes them (fast_cam), for the variants that can run it.
-        _, _, maps = handler.fast_cam(held_out[200:], [None] * judged)
-        extractor = handler.extractor
-        handler.extractor = copy.deepcopy(extractor).to(memory_format=torch.channels_last)
-        cl_maps = handler.fast_cam(held_out[200:].contiguous(memory_format=torch.channels_last), [None] * judged)[2]
-        handler.extractor = extractor
-        bf16_maps = autocast(lambda: handler.fast_cam(held_out[200:], [None] * judged))()[2]
+        _, _, maps = handler.model.fast_cam(held_out[200:], [None] * judged)
+        extractor = handler.model.extractor
+        handler.model.extractor = copy.deepcopy(extractor).to(memory_format=torch.channels_last)
+        cl_maps = handler.model.fast_cam(held_out[200:].contiguous(memory_format=torch.channels_last), [None] * judged)[2]
+        handler.model.extractor = extractor
+        bf16_maps = autocast(lambda: handler.model.fast_cam(held_out[200:], [None] * judged))()[2]
     map_error = {"baseline": 0.0, "channels_last": round(float((cl_maps - maps).abs().max()), 5),
                  "bf16_autocast": round(float((bf16_maps - maps).abs().max()), 5)}
     return {"speedup": speed, "quality": accuracy, "quality_metric": f"top-1 accuracy, {judged} held-out digits",
@@ -159,20 +159,20 @@ def lane_scaling(call) -> float:
 
 def ddpm_knobs() -> dict:
     handler = loaded(DdpmHandler, "ddpm")
-    x = torch.randn((8, *handler.shape), generator=torch.Generator().manual_seed(0))
-    results = diffusion_knobs(handler.unet.eval(), x, torch.full((8,), 500))
-    frozen, t = FrozenUNet(handler.unet, x), torch.full((2,), 500)
-    results["two_thread_scaling"] = {"baseline": lane_scaling(lambda: handler.unet(x[:2], t).sample),
+    x = torch.randn((8, *handler.model.shape), generator=torch.Generator().manual_seed(0))
+    results = diffusion_knobs(handler.model.unet.eval(), x, torch.full((8,), 500))
+    frozen, t = FrozenUNet(handler.model.unet, x), torch.full((2,), 500)
+    results["two_thread_scaling"] = {"baseline": lane_scaling(lambda: handler.model.unet(x[:2], t).sample),
                                      "torchscript": lane_scaling(lambda: frozen(x[:2], t))}
     return results
 
 
 def sd15_knobs() -> dict:
     handler = loaded(Sd15Handler, "sd15")
-    unet = handler.pipes["txt2img"].unet.eval()
+    unet = handler.model.pipes["txt2img"].unet.eval()
     gen = torch.Generator().manual_seed(0)
     latents = torch.randn((2, unet.config.in_channels, 64, 64), generator=gen)
-    text = torch.randn((2, handler.tokenizer.model_max_length, unet.config.cross_attention_dim), generator=gen)
+    text = torch.randn((2, handler.model.tokenizer.model_max_length, unet.config.cross_attention_dim), generator=gen)
     return diffusion_knobs(unet, latents, torch.tensor(500), text)
 
 
@@ -208,7 +208,7 @@ def report(results: dict) -> str:
               "once at load, well under a second) and gives the same outputs: ddpm's cpu and cpu-step configs",
               "use it. For cam the bar includes its CAM maps: within the contract",
               "(tests/support/cam_contract.py, 1e-4) of fp32's, not only the top-1; int8 and compile have no",
-              "float CAM path here (their maps are not measured, so they do not meet it). See README, \"CPU",
+              "float CAM path here (their maps are not measured, so they do not meet it). See docs/benchmarks.md, \"CPU",
               "speed knobs\", for what each config uses.", ""]
     return "\n".join(lines)
 

@@ -5,7 +5,7 @@ size, so archiving cost can be measured at real-model sizes (SD1.5 fp32 is ~4 GB
 weights. diffusers ignores the extra file when loading. The result is NOT a usable model beyond the
 demo's noise images.
 
-    .venv/bin/python -m weights.make_big_weights_dir --out /tmp/big_sd15 --size-gb 2.0
+    .venv/bin/python -m benchmarks.make_big_weights_dir --out /tmp/big_sd15 --size-gb 2.0
 """
 from __future__ import annotations
 

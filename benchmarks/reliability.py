@@ -1,5 +1,5 @@
 """`make reliability`: load, faults and bad input against a private TorchServe, written up as
-docs/RELIABILITY.md (and benchmarks/results/reliability.json).
+docs/reliability.md (and benchmarks/results/reliability.json).
 
 Runs: the bounded mixed load (benchmarks/load.py), a worker SIGKILLed under load per model, a
 whole-server restart, and every bad input of the tests' catalogue through the server.
@@ -18,7 +18,7 @@ from harness.torchserve import TorchServeInstance
 from harness.traffic import kill_worker_under_load, valid_payloads, worker_pids
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DOC = REPO / "docs" / "RELIABILITY.md"
+DOC = REPO / "docs" / "reliability.md"
 
 
 def bad_input_cases() -> dict[str, list]:

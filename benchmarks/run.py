@@ -11,7 +11,9 @@ import argparse
 import importlib
 import importlib.util
 import json
+import operator
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -22,6 +24,18 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # benchmarks/bench_<name>.py; limits: speed estimates; ddpm_workload: static vs step-level batching;
 # streaming: what NDJSON progress and previews cost
 MODELS = ("cam", "ddpm", "ddpm_workload", "sd15", "limits", "streaming")
+# A goal is machine-checkable when it starts with a comparison and a plain number (not a percentage).
+GOAL = re.compile(r"\s*(>=|<=|>|<)\s*(-?\d+(?:\.\d+)?)(?![\d.])(?!\s*%)")
+COMPARE = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
+
+
+def goal_result(value, goal: str) -> str:
+    """'met' or 'MISSED' for a machine-checkable goal (a comparison with a number, e.g. '>= 1.8',
+    optionally followed by free text); '' for a free-text goal or a non-numeric value."""
+    match = GOAL.match(goal or "")
+    if match is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return ""
+    return "met" if COMPARE[match.group(1)](value, float(match.group(2))) else "MISSED"
 
 
 def write_report(results: dict) -> Path:
@@ -29,15 +43,23 @@ def write_report(results: dict) -> Path:
              f"Run {results['meta']['date']} on {results['meta']['machine']} "
              f"({results['meta']['cpus']} CPUs, torch {results['meta']['torch']}).",
              "Ratios are measured within one run; absolute times vary with machine load.", ""]
+    checked = [(f"{model}.{key}", goal_result(results[model].get(key), goal))
+               for model in MODELS if model in results
+               for key, goal in results[model].get("goals", {}).items()]
+    missed = [name for name, result in checked if result == "MISSED"]
+    met = sum(result == "met" for _, result in checked)
+    lines += [f"Goals: {met} met, {len(missed)} MISSED" + (f" ({', '.join(missed)})." if missed else "."), ""]
     for model in MODELS:
         if model not in results:
             continue
-        lines += [f"## {model}", "", "| metric | value | goal |", "|---|---|---|"]
+        lines += [f"## {model}", "", "| metric | value | goal | result |", "|---|---|---|---|"]
         goals = results[model].get("goals", {})
         for key, value in results[model].items():
             if key in ("goals", "notes"):
                 continue
-            lines.append(f"| {key} | {json.dumps(value)} | {goals.get(key, '')} |")
+            goal = goals.get(key, "")
+            result = goal_result(value, goal)
+            lines.append(f"| {key} | {json.dumps(value)} | {goal} | {'**MISSED**' if result == 'MISSED' else result} |")
         for note in results[model].get("notes", []):
             lines += ["", f"- {note}"]
         lines.append("")

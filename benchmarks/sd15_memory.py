@@ -1,4 +1,4 @@
-"""Peak memory of SD1.5 in fp32 as the arm64 config runs it (docs/TARGETS.md, "sd15"), measured
+"""Peak memory of SD1.5 in fp32 as the arm64 config runs it (docs/targets.md, "sd15"), measured
 with the real shapes and random weights, so no download is needed (memory does not depend on the
 architecture or on the weights' values):
 

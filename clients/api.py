@@ -3,7 +3,7 @@
 It reads TorchServe's `key_file.json` and sends the right Bearer token to each API, retries
 503s (model still loading / worker restarting) with backoff, and on a refused token re-reads
 the key file once (the server may have rotated the keys) before giving up with a clear error.
-`stream()` iterates the NDJSON events of a streaming request (README, "Streaming progress").
+`stream()` iterates the NDJSON events of a streaming request (docs/streaming.md).
 """
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import base64
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -64,7 +65,7 @@ class Keys:
     api: str | None = None  # only for POST /token (key rotation)
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None) -> "Keys":
+    def load(cls, path: str | os.PathLike | None) -> Keys:
         if path is None or not Path(path).is_file():
             return cls()
         data = json.loads(Path(path).read_text())
@@ -193,10 +194,16 @@ class TorchServeClient:
 
     def describe(self, model: str, version: str | None = None, customized: bool = False) -> list[dict]:
         """TorchServe's model description; `customized` adds the handler's own: the request
-        JSON Schema with this archive's limits, schedulers / CAM methods, profile, target."""
-        params = {"customized": "true"} if customized else None
-        return self._checked("management", "GET", f"{self.management_url}/models/{self._path(model, version)}",
-                             params=params)
+        JSON Schema with this archive's limits, schedulers / CAM methods, profile, target.
+
+        A model served with continuous batching is never sent the customized describe: TorchServe
+        0.12's frontend puts that job back on the model's queue for ever (docs/development.md),
+        so its entries come back plain (no `customizedMetadata`)."""
+        url = f"{self.management_url}/models/{self._path(model, version)}"
+        plain = self._checked("management", "GET", url)
+        if not customized or any(d.get("continuousBatching") for d in plain):
+            return plain
+        return self._checked("management", "GET", url, params={"customized": "true"})
 
     def register(self, url: str, model_name: str | None = None, batch_size: int | None = None,
                  max_batch_delay: int | None = None, initial_workers: int = 1,

@@ -1,5 +1,8 @@
 """`make demo`: start TorchServe from config.properties, call every served model with the client
 scripts, write the results under outputs/, print where they are, and stop the server.
+
+The cam inputs are the PNGs in outputs/inputs/, which `make demo` writes first
+(`python -m weights.digits outputs/inputs`: a few held-out digits).
 """
 from __future__ import annotations
 
@@ -17,25 +20,18 @@ OUT = REPO / "outputs"
 TORCHSERVE = str(REPO / ".venv" / "bin" / "torchserve")
 
 
-def demo_digits(folder: Path, count: int = 4) -> list[Path]:
-    """A few held-out digits as PNG files, the inputs of the cam demo."""
-    from weights import digits
-
-    folder.mkdir(parents=True, exist_ok=True)
-    images, labels = digits.load_arrays()
-    _, test = digits.split_indices()
-    paths = []
-    for i in test[:count]:
-        path = folder / f"digit-{i}-label{labels[i]}.png"
-        digits.to_pil(images[i], 64).save(path)
-        paths.append(path)
+def demo_inputs(folder: Path) -> list[Path]:
+    """The inputs of the cam demo: the digit PNGs `python -m weights.digits` wrote into folder."""
+    paths = sorted(folder.glob("digit-*.png"))
+    if not paths:
+        raise SystemExit(f"no cam inputs in {folder}: `python -m weights.digits {folder}` writes them (make demo does)")
     return paths
 
 
 def run_clients(models: list[str]) -> list[str]:
     done = []
     if "cam" in models:
-        inputs = demo_digits(OUT / "inputs")
+        inputs = demo_inputs(OUT / "inputs")
         if classify.main([*map(str, inputs), "--out", str(OUT / "cam"), "--topk", "3"]) != 0:
             raise SystemExit("cam client failed")
         done.append(f"cam: CAM overlays in {OUT / 'cam'} (inputs in {OUT / 'inputs'})")

@@ -43,8 +43,8 @@ def demo(out: Path) -> str:
     import io
 
     from PIL import Image
-    from torchvision.transforms.functional import pil_to_tensor, to_pil_image
-    from torchvision.utils import make_grid
+
+    from clients.images import tile
 
     client = TorchServeClient(key_file=Path(__file__).resolve().parents[1] / "key_file.json")
 
@@ -53,8 +53,7 @@ def demo(out: Path) -> str:
         return Image.open(io.BytesIO(base64.b64decode(result["images"][0]))).convert("RGB")
 
     def sheet(images: list[Image.Image], path: Path, nrow: int) -> Path:
-        grid = make_grid([pil_to_tensor(i) for i in images], nrow=nrow, padding=2, pad_value=90)
-        img = to_pil_image(grid)
+        img = tile(images, nrow=nrow, padding=2, pad_value=90)
         img.resize((img.width * 2, img.height * 2), Image.NEAREST).save(path)
         return path
 

@@ -6,7 +6,7 @@ import math
 from PIL import Image
 
 
-def grid(images: list[Image.Image], nrow: int, padding: int = 2, pad_value: int = 0) -> Image.Image:
+def tile(images: list[Image.Image], nrow: int, padding: int = 2, pad_value: int = 0) -> Image.Image:
     """The images (all of one size) in rows of `nrow`, `padding` pixels of grey `pad_value` around
     and between them: torchvision.utils.make_grid's layout, pixel for pixel (one image alone is
     returned as it is, without a border, as make_grid does)."""

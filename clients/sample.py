@@ -15,20 +15,17 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from PIL import Image
-from torchvision.transforms.functional import pil_to_tensor, to_pil_image
-from torchvision.utils import make_grid
+
 from clients.api import ServerError, TorchServeClient, save_b64_png
+from clients.images import tile
 from clients.options import add_server_options, client_from
 from clients.progress import streamed
 
 
 def grid(images: list[Image.Image], scale: int = 4) -> Image.Image:
     """A grid of the samples with a thin border, enlarged so tiny samples are visible."""
-    tensors = torch.stack([pil_to_tensor(img.convert("RGB")) for img in images])
-    sheet = make_grid(tensors, nrow=max(1, round(len(images) ** 0.5)), padding=1, pad_value=96)
-    img = to_pil_image(sheet)
+    img = tile(images, nrow=max(1, round(len(images) ** 0.5)), padding=1, pad_value=96)
     return img.resize((img.width * scale, img.height * scale), resample=Image.NEAREST)
 
 

@@ -1,6 +1,7 @@
 """Models and deployment targets, discovered from model_configs/ (nothing lists them by hand).
 
-A model is a handler module `handlers/<model>.py` with a `model_configs/<model>/` directory; a
+A model is a folder `handlers/<model>/` with a `handler.py` entry module and a
+`model_configs/<model>/` directory; a
 target is a name T for which `model_configs/<model>/T.yaml` exists. `archive.sh` uses the same
 rule (and the same `MODEL_CONFIGS` override), so a test that loops over `targets()` covers
 whatever `archive.sh --target` accepts.
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from harness import REPO
+from deploy import REPO
 
 
 def configs_dir() -> Path:
@@ -21,8 +22,8 @@ def configs_dir() -> Path:
 def models(configs: Path | None = None) -> list[str]:
     """Models with a handler and a model-config directory, sorted."""
     configs = Path(configs or configs_dir())
-    return sorted(p.stem for p in (REPO / "handlers").glob("*.py")
-                  if (configs / p.stem).is_dir())
+    return sorted(p.parent.name for p in (REPO / "handlers").glob("*/handler.py")
+                  if (configs / p.parent.name).is_dir())
 
 
 def targets(model: str | None = None, configs: Path | None = None) -> list[str]:

@@ -1,5 +1,6 @@
-"""Shared by tests, benchmarks and the fine-tuning lab: a private local TorchServe, handlers run
-in-process with TorchServe's MockContext, traffic and bad-input generators, target discovery."""
+"""Shared by tests, benchmarks and the fine-tuning lab (and nothing else imports it): a private local
+TorchServe (also in KServe mode), handlers run in-process with TorchServe's MockContext, traffic and
+bad-input generators, the aarch64 userland."""
 
 from pathlib import Path
 

@@ -2,7 +2,9 @@
 how to run its python on this x86 machine (binfmt runs the aarch64 binary under qemu;
 QEMU_LD_PREFIX makes qemu find the userland's loader, libraries and stdlib).
 
-`python -m harness.arm64 ARGS...` runs the userland's python with ARGS ($ARM64_ROOT).
+`python -m harness.arm64 ARGS...` runs the userland's python with ARGS ($ARM64_ROOT), the repo
+root on its path (PYTHONPATH): the emulated pytest imports handlers and tests from this tree, as
+the host's does from its root. Not in env(): TorchServe's workers import handlers from the archives.
 """
 from __future__ import annotations
 
@@ -40,4 +42,4 @@ if __name__ == "__main__":
     if userland is None:
         sys.exit(f"ARM64_ROOT={os.environ.get('ARM64_ROOT')!r} is not a userland built by harness/arm64_userland.sh")
     exe = str(python(userland))
-    os.execve(exe, [exe, *sys.argv[1:]], {**os.environ, **env(userland)})
+    os.execve(exe, [exe, *sys.argv[1:]], {**os.environ, **env(userland), "PYTHONPATH": str(REPO)})

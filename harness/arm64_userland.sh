@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Builds (once) an aarch64 Debian bookworm userland with the project's requirements in a venv,
+# Builds (once) an aarch64 Debian bookworm userland with the project's pinned requirements in a venv,
 # runnable on this x86 machine under qemu user-mode emulation (what `make test-arm64` uses).
 #
 #   harness/arm64_userland.sh ROOT
 #
 # Each step is skipped when its result exists: ROOT (debootstrap, built in ROOT.partial and moved
-# into place), ROOT/opt/venv/.requirements (a copy of the requirements.txt it was installed from;
-# a changed file reinstalls). Needs root, apt and binfmt_misc: without them it says which is
+# into place), ROOT/opt/venv/.requirements (the requirements list it was installed from: the base,
+# serve, train and dev pins of pyproject.toml, generated on the host by deploy/pins.py with their
+# platform markers, which the aarch64 pip evaluates; a changed list re-runs pip, which installs
+# only what changed). Needs root, apt and binfmt_misc: without them it says which is
 # missing in one line and exits 1.
 set -euo pipefail
 
@@ -55,10 +57,14 @@ if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
 fi
 cp -L /etc/resolv.conf "$root/etc/resolv.conf"
 
-if ! cmp -s "$here/requirements.txt" "$root/opt/venv/.requirements"; then
-  say "installing requirements.txt into $root/opt/venv (aarch64 pip, ~10 min)"
+pins="$(mktemp)"
+trap 'rm -f "$pins"' EXIT
+py="$here/.venv/bin/python"; [ -x "$py" ] || py=python3  # deploy/pins.py needs python >= 3.11 (tomllib)
+"$py" "$here/deploy/pins.py" serve train dev > "$pins" || die "could not read the pins of $here/pyproject.toml"
+if ! cmp -s "$pins" "$root/opt/venv/.requirements"; then
+  say "installing pyproject.toml's pins (base, serve, train, dev) into $root/opt/venv (aarch64 pip, ~10 min)"
   start=$SECONDS
-  cp "$here/requirements.txt" "$root/opt/requirements.txt"
+  cp "$pins" "$root/opt/requirements.txt"
   run() { chroot "$root" /usr/bin/env -i HOME=/root PATH=/opt/venv/bin:/usr/bin:/bin LANG=C.UTF-8 "$@"; }
   [ -x "$root/opt/venv/bin/pip" ] || run python3 -m venv /opt/venv
   # The venv's python is a symlink to /usr/bin/python3.11; run from the host (QEMU_LD_PREFIX, no
@@ -67,8 +73,8 @@ if ! cmp -s "$here/requirements.txt" "$root/opt/venv/.requirements"; then
     [ -L "$exe" ] && cp --remove-destination "$root/usr/bin/python3.11" "$exe"
   done
   run pip install --disable-pip-version-check --no-cache-dir -q -r /opt/requirements.txt \
-    || die "pip install -r requirements.txt failed in the aarch64 userland"
-  cp "$here/requirements.txt" "$root/opt/venv/.requirements"
+    || die "pip install of pyproject.toml's pins failed in the aarch64 userland"
+  cp "$pins" "$root/opt/venv/.requirements"
   say "requirements installed in $((SECONDS - start)) s"
 else
   say "requirements up to date in $root/opt/venv"

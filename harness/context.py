@@ -29,13 +29,15 @@ class ServingMockContext(MockContext):
         self.model_name = model_name  # the real Context has it; MockContext does not
         self.new_batch([{}])  # what initialize sees
 
-    def new_batch(self, headers: list[dict], route: str = "predictions") -> None:
+    def new_batch(self, headers: list[dict], route: str | list[str] = "predictions") -> None:
         """Per-request headers of the next batch, e.g. [{"Accept": "image/png"}, {}], with what
         TorchServe's frontend adds for `route`: "predictions" (a `url_path` header, as
         /predictions/<model> and /explanations/<model> get), "kserve" (the v1 / v2 routes: none
         added) or "grpc" (no headers at all)."""
-        added = {"url_path": ""} if route == "predictions" else {}
-        self.request_processor = [RequestProcessor({} if route == "grpc" else {**added, **h}) for h in headers]
+        added = {"predictions": {"url_path": ""}, "kserve": {}}
+        routes = route if isinstance(route, list) else [route] * len(headers)
+        self.request_processor = [RequestProcessor({} if r == "grpc" else {**added[r], **h})
+                                  for h, r in zip(headers, routes)]
 
     def status(self, idx: int) -> int:
         code, _ = self.get_response_status(idx)

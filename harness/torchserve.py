@@ -83,7 +83,7 @@ class TorchServeInstance:
         props.update({k: str(v) for k, v in self.extra.items()})
         return "\n".join(f"{k}={v}" for k, v in props.items() if v != "") + "\n"
 
-    def __enter__(self) -> "TorchServeInstance":
+    def __enter__(self) -> TorchServeInstance:
         self.dir = Path(tempfile.mkdtemp(prefix="ts-instance-"))
         self.store = self.dir / "model_store"
         self.tmp = self.dir / "tmp"
@@ -156,6 +156,12 @@ class TorchServeInstance:
     def model_log(self) -> str:
         path = self.dir / "logs" / "model_log.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+    def metrics_log(self, model: str) -> str:
+        """The lines of logs/model_metrics.log about `model`."""
+        path = self.dir / "logs" / "model_metrics.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return "".join(line for line in text.splitlines(keepends=True) if f"ModelName:{model}" in line)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

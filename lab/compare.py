@@ -3,7 +3,7 @@ version (/predictions/cam/<version>): accuracy per version and per class, and th
 the versions disagree. Writes the figures as JSON and, with --html, a report that shows the
 disagreeing images with each version's CAM overlay side by side.
 
-    python -m clients.compare data/shifted-digits/test [--versions 1.0 2.0] [--out outputs/compare.json]
+    python -m lab.compare data/shifted-digits/test [--versions 1.0 2.0] [--out outputs/compare.json]
                               [--html outputs/compare.html]
 
 The folder has one subfolder per class, named like the model's labels (ImageFolder layout); a
@@ -180,7 +180,7 @@ def write_html(result: dict, path: Path, limit: int = 200) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clients.compare", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lab.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", type=Path, help="class-per-subfolder image folder (its test/ if present)")
     parser.add_argument("--versions", nargs="+", help="versions to compare (default: every registered one)")
     parser.add_argument("--model", default="cam")

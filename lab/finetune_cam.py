@@ -2,7 +2,7 @@
 archive.sh turns into a new version of `cam` (CAM keeps working: same architecture, target layer
 and preprocessing as the base).
 
-    python -m weights.finetune_cam DATA_DIR [--base weights/demo/cam | model_store/cam.mar]
+    python -m lab.finetune_cam DATA_DIR [--base weights/demo/cam | model_store/cam.mar]
                                    [--out weights/finetuned/cam] [--epochs 3] [--val-fraction 0.2]
                                    [--lr 1e-3] [--batch-size 32] [--seed 0] [--threads 2]
     ./archive.sh --weights weights/finetuned/cam --version 2.0 cam      # -> model_store/cam-2.0.mar
@@ -182,7 +182,7 @@ def finetune(data_dir: Path, base: Path, out: Path, epochs: int = 3, val_fractio
         "train_seconds": round(time.perf_counter() - start, 1),
     }
     new_cfg = {**cfg, "num_classes": len(data.classes), "labels": list(data.classes), "profile": "finetuned",
-               "source": f"fine-tuned by weights/finetune_cam.py from {base} ({cfg.get('profile', '?')} "
+               "source": f"fine-tuned by lab/finetune_cam.py from {base} ({cfg.get('profile', '?')} "
                          f"profile) on {data.root}", "metrics": metrics}
     write_cam_dir(out, model.to(memory_format=torch.contiguous_format).state_dict(), new_cfg)
     return metrics
@@ -192,7 +192,7 @@ def finetune(data_dir: Path, base: Path, out: Path, epochs: int = 3, val_fractio
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m weights.finetune_cam", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m lab.finetune_cam", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("data_dir", type=Path, help="class-per-subfolder image folder (its train/ if present)")
     parser.add_argument("--base", type=Path, default=Path(DEFAULT_BASE),

@@ -8,7 +8,7 @@ class-per-folder layout torchvision's ImageFolder reads:
 Deterministic (seeded); <out> is replaced atomically. --no-shift writes the same folders with
 the digits as the demo model was trained on them (the original domain, to measure forgetting).
 
-    python -m weights.make_shifted_digits [--out data/shifted-digits] [--size 64] [--seed 0] [--no-shift]
+    python -m lab.make_shifted_digits [--out data/shifted-digits] [--size 64] [--seed 0] [--no-shift]
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def build(out: Path, size: int = DEFAULT_SIZE, seed: int = 0, shifted: bool = Tr
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m weights.make_shifted_digits",
+    parser = argparse.ArgumentParser(prog="python -m lab.make_shifted_digits",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), help="output folder (replaced)")
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help="image size in px")

@@ -1,21 +1,21 @@
 """`make compare`: the fine-tuning lab, offline, end to end.
 
 1. cam 1.0: the demo weights and model_store/cam.mar (built when missing, see archive.sh)
-2. datasets (weights/make_shifted_digits.py): the shifted digits in data/shifted-digits/, and the
+2. datasets (lab/make_shifted_digits.py): the shifted digits in data/shifted-digits/, and the
    same held-out digits unshifted in data/digits/ (the domain 1.0 was trained on)
-3. fine-tune cam.mar's classifier on data/shifted-digits/train (weights/finetune_cam.py)
+3. fine-tune cam.mar's classifier on data/shifted-digits/train (lab/finetune_cam.py)
 4. archive the result as version 2.0 of cam in outputs/lab/ (./archive.sh --store outputs/lab
    --version 2.0 -> cam-2.0.mar). Not in model_store/: `load_models=all` would serve it at the
    next `make start`, possibly as cam's default version.
 5. a private TorchServe (free loopback ports, empty store: harness/torchserve.py, as in the tests): register
    both archives through the management API, list the versions, make 2.0 the default
-6. compare both versions by POST (clients/compare.py) on the shifted test split ->
+6. compare both versions by POST (lab/compare.py) on the shifted test split ->
    outputs/compare.json + outputs/compare.html
 7. the same on the unshifted test split (what fine-tuning cost on the original domain); stop
 
 Exit code 1 when the fine-tuned version is not >= 20 accuracy points better on the shifted test split.
 
-    python -m clients.lab [--epochs 3] [--threads 1] [--reuse]
+    python -m lab.run [--epochs 3] [--threads 1] [--reuse]
 """
 from __future__ import annotations
 
@@ -24,11 +24,11 @@ import subprocess
 import sys
 import time
 
-from clients import compare
 from handlers.cam.classifier import CONFIG_NAME
 from harness import REPO
 from harness.torchserve import TorchServeInstance
-from weights import build_all, finetune_cam, make_shifted_digits
+from lab import compare, finetune_cam, make_shifted_digits
+from weights import build_all
 
 SHIFTED = REPO / "data" / "shifted-digits"
 PLAIN = REPO / "data" / "digits"
@@ -112,7 +112,7 @@ def run(args, timings: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m clients.lab", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lab.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads for fine-tuning (2 is faster on 2 idle cores, much slower on busy ones)")

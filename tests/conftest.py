@@ -12,7 +12,7 @@ from harness.inprocess import demo_weights, load_handler, unpack
 
 @pytest.fixture(scope="session")
 def cam_handler(tmp_path_factory):
-    from handlers.cam.model import CamHandler
+    from handlers.cam.handler import CamHandler
 
     model_dir = unpack(tmp_path_factory.mktemp("cam"), "cam", demo_weights("cam"))
     return load_handler(CamHandler, "cam", model_dir)
@@ -37,7 +37,7 @@ def fake_resnet50_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def ddpm_handler(tmp_path_factory):
-    from handlers.ddpm.model import DdpmHandler
+    from handlers.ddpm.handler import DdpmHandler
 
     model_dir = unpack(tmp_path_factory.mktemp("ddpm"), "ddpm", demo_weights("ddpm"))
     return load_handler(DdpmHandler, "ddpm", model_dir)
@@ -45,7 +45,7 @@ def ddpm_handler(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def sd15_handler(tmp_path_factory):
-    from handlers.sd15.model import Sd15Handler
+    from handlers.sd15.handler import Sd15Handler
 
     model_dir = unpack(tmp_path_factory.mktemp("sd15"), "sd15", demo_weights("sd15-smoke"))
     return load_handler(Sd15Handler, "sd15", model_dir)

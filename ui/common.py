@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 
 import gradio as gr
 import requests

@@ -2,8 +2,14 @@
 
 Every demo model, test and benchmark uses these helpers so that all of them see the digits the
 same way: ink is white (255) on a black background, like MNIST, upscaled bilinearly.
+
+    python -m weights.digits OUT_DIR [--count 4]    a few held-out digits as PNGs (make demo's cam inputs)
 """
 from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,3 +47,30 @@ def to_pil(image: np.ndarray | torch.Tensor, size: int) -> Image.Image:
     """One 8x8 digit in [0, 1] -> a grayscale PIL image of size x size (white ink on black)."""
     t = upscale(np.asarray(image)[None], size)[0, 0]
     return Image.fromarray((t.numpy() * 255).round().astype(np.uint8), mode="L")
+
+
+def write_pngs(folder: Path, count: int = 4, size: int = 64) -> list[Path]:
+    """The first `count` held-out digits as folder/digit-<index>-label<label>.png."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images, labels = load_arrays()
+    _, test = split_indices()
+    paths = []
+    for i in test[:count]:
+        path = folder / f"digit-{i}-label{labels[i]}.png"
+        to_pil(images[i], size).save(path)
+        paths.append(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m weights.digits", description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", type=Path, help="folder for the PNGs")
+    parser.add_argument("--count", type=int, default=4, help="how many held-out digits")
+    args = parser.parse_args(argv)
+    for path in write_pngs(args.out, args.count):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

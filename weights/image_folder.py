@@ -1,5 +1,5 @@
 """The one reader of labelled image folders (root/<class>/<image>, torchvision's ImageFolder layout),
-for fine-tuning (weights/finetune_cam.py) and for comparing versions (clients/compare.py): the same
+for fine-tuning (lab/finetune_cam.py) and for comparing versions (lab/compare.py): the same
 rules for both, and a one-line error naming the folder or the file that is wrong."""
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ The images are the scikit-learn digits of weights/digits.py, upscaled bilinearly
 of a few colours on a black background (64x64 RGB). Captions name the digit, the colour, both or
 neither, in varied wordings ("a red handwritten 7", "the number seven in red ink", "7", "").
 
-The judges are shared by weights/eval_sd15_quality.py and tests/unit/test_sd15_semantics.py:
+The judges are shared by benchmarks/eval_sd15_quality.py and tests/unit/test_sd15_semantics.py:
 
 * `ink(image)`: what the `cam` demo classifier (white ink on black, grayscale) should see. The
   value channel max(R, G, B) maps every palette colour back to the original ink intensity (a blue

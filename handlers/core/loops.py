@@ -18,8 +18,18 @@ from typing import Any
 
 from handlers.core import answers, kserve
 from handlers.core.answers import Reply
-from handlers.core.batch import (JSON_TYPE, KSERVE_V2, NDJSON_TYPE, PNG_TYPE, REST, Admitted, Group, Incoming,
-                                 Outcome, Pending)
+from handlers.core.batch import (
+    JSON_TYPE,
+    KSERVE_V2,
+    NDJSON_TYPE,
+    PNG_TYPE,
+    REST,
+    Admitted,
+    Group,
+    Incoming,
+    Outcome,
+    Pending,
+)
 from handlers.core.bodies import json_body
 from handlers.core.budget import charge, streaming
 from handlers.core.errors import RequestError, internal_error

@@ -16,12 +16,21 @@ from __future__ import annotations
 import json
 import secrets
 import typing
+from collections.abc import Mapping
 from copy import copy
-from typing import Annotated, Any, ClassVar, Mapping
+from typing import Annotated, Any, ClassVar
 
 import annotated_types as at
-from pydantic import (BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, create_model, field_validator,
-                      model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from handlers.core.errors import RequestError
 
@@ -184,7 +193,7 @@ class SeededImages(RequestModel):
     stream: bool = False
     """Answer as NDJSON (`application/x-ndjson`), one event per line as the work goes: `progress` at
     every step, `preview` every `preview_every` steps, and last `result` holding exactly the
-    non-streaming response (or `error`). See README, "Streaming progress"."""
+    non-streaming response (or `error`). See docs/streaming.md."""
     preview_every: Annotated[int, Field(ge=0)] = 5
     """With `stream`: a `preview` event (small PNGs of the current estimate) every this many steps; 0 = none."""
 

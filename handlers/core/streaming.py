@@ -19,7 +19,8 @@ streaming request to finish only one step within it (`TimeBudget.check`).
 from __future__ import annotations
 
 import time
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 from handlers.core import answers
 from handlers.core.answers import Reply

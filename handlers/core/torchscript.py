@@ -2,11 +2,10 @@
 for the targets whose model config says `torchscript: true`.
 
 Why: the demo UNets are small, so a forward call is mostly Python dispatching a few hundred small
-ops (the ddpm demo UNet: 3.5 ms for 1 image, 0.9 ms more per image, on one thread). The frozen
-graph runs in TorchScript's C++ interpreter: 1.26x faster per call at 8 images, the same outputs,
-and it does not hold the GIL, so two Python threads calling it (ddpm's step-level `unet_lanes`)
-really run on two cores (1.75x the work of one thread), where eager calls wait on the GIL
-(1.02x). Measured in `benchmarks/cpu_knobs.py` (`benchmarks/results/cpu-knobs.md`).
+ops. The frozen graph runs in TorchScript's C++ interpreter: faster per call with the same
+outputs, and it does not hold the GIL, so two Python threads calling it (ddpm's step-level
+`unet_lanes`) really run on two cores, where eager calls wait on the GIL. Measured by
+`benchmarks/cpu_knobs.py` (benchmarks/results/cpu-knobs.md).
 
 Tracing records one path through the forward: the timestep is always passed as a (batch,) tensor
 (the 0-dim branch of diffusers' timestep embedding is not in the graph), and shape-dependent
@@ -14,9 +13,8 @@ branches that only choose a memory layout (a `.contiguous()` at batch >= 64) kee
 choice; the values are the same.
 
 torch 2.14 marks torch.jit deprecated (a FutureWarning, silenced here; it still works and is
-tested). Its named successors were measured and do not fit a TorchServe worker here:
-torch.compile with dynamic batch shapes took 96 s to compile at worker start and gained 1.09x
-(README, "Step-level batching").
+tested). Its named successor, torch.compile with dynamic batch shapes, compiles for minutes at
+worker start and gains little here (docs/step-level-batching.md).
 """
 from __future__ import annotations
 

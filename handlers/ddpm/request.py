@@ -32,7 +32,7 @@ class DdpmRequest(SeededImages):
     """`POST /predictions/ddpm`: unconditional samples of the archive's UNet."""
 
     # Default: the fewest UNet evaluations within 2 points of DDIM-50's quality with every digit
-    # >= 4 % (benchmarks/results/ddpm-steps.md: ddpm-10 86.0 % vs ddim-50 82.0 %, 5x fewer).
+    # >= 4 % (benchmarks/results/ddpm-steps.md).
     steps: Annotated[int, Field(ge=1), ConfigMax("max_steps"), BATCHED] = 10
     """Denoising steps (at most the scheduler's training steps)."""
     scheduler: Annotated[Literal[tuple(SCHEDULERS)], BATCHED] = "ddpm"

@@ -121,8 +121,7 @@ class Sd15Model(ServedModel):
             pils = pipe(**kwargs, callback_on_step_end=on_step_end).images
         if shared["mode"] == "inpaint":
             # Outside the mask the input's own pixels, as AUTOMATIC1111 returns them: diffusers keeps
-            # them only in latent space, and the VAE decode bleeds across the mask's edge (measured
-            # on the demo model: 10.1 mean abs difference outside the mask vs 2.6 for a VAE round trip).
+            # them only in latent space, and the VAE decode bleeds across the mask's edge.
             pils = [pipe.image_processor.apply_overlay(mask, init, img) for mask, init, img
                     in zip(group.per_image("mask_image"), group.per_image("init_image"), pils)]
         return list(zip(pils, self.check_safety(pils)))
@@ -197,8 +196,8 @@ def latent_rgb_fit(vae, device, dtype, count: int = 16, side: int = 8) -> tuple[
     """A linear map from the VAE's (scaled) latent channels to RGB in [-1, 1]: least squares between
     random latents (the denoising loop's N(0, 1) scale) and what the VAE decodes them to, averaged
     over each latent pixel's area. Fitted at load (one decode of 16 latents of 8x8) so it holds for
-    any VAE: the SD1.5 factors ComfyUI publishes fit only SD1.5's. A linear map is a rough preview;
-    on the demo VAE it correlates ~0.5 with the true decode (README, "Streaming progress")."""
+    any VAE: the SD1.5 factors ComfyUI publishes fit only SD1.5's. A linear map is a rough preview
+    (docs/streaming.md)."""
     latents = torch.randn((count, vae.config.latent_channels, side, side), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         images = vae.decode((latents / vae.config.scaling_factor).to(device, dtype)).sample.float().cpu().clamp(-1, 1)

@@ -11,8 +11,8 @@ import platform
 
 import pytest
 
+from deploy.targets import models
 from harness import arm64
-from harness.targets import models
 from harness.torchserve import TorchServeInstance
 
 ARCHIVES = ["cam.mar", "ddpm.mar", "sd15"]
@@ -32,7 +32,7 @@ def served():
         ts.client = ts.make_client(timeout=600)  # emulated workers: minutes per batch
         for archive in ARCHIVES:
             # sd15's arm64 config says batchSize 1 (two requests of two images would not fit a
-            # Pi 5 with the real SD1.5, docs/TARGETS.md); the tiny demo model is served with 2 so
+            # Pi 5 with the real SD1.5, docs/targets.md); the tiny demo model is served with 2 so
             # the test sees an aarch64 worker batch it. The others keep their arm64 configs.
             ts.client.register(archive, batch_size=2 if archive == "sd15" else None, synchronous=False)
         ts.client.wait_ready(models(), timeout=1200)

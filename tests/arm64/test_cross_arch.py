@@ -37,9 +37,9 @@ SEEDED = {
 @pytest.fixture(scope="module")
 def x86(tmp_path_factory):
     """model -> (handler, context) on this x86 host: the arm64 config, the archive's weights."""
-    from handlers.cam.model import CamHandler
-    from handlers.ddpm.model import DdpmHandler
-    from handlers.sd15.model import Sd15Handler
+    from handlers.cam.handler import CamHandler
+    from handlers.ddpm.handler import DdpmHandler
+    from handlers.sd15.handler import Sd15Handler
 
     classes = {"cam": CamHandler, "ddpm": DdpmHandler, "sd15": Sd15Handler}
     loaded = {}

@@ -8,9 +8,9 @@ import pytest
 import requests
 import yaml
 
+from deploy.targets import config_path, models
 from harness.bad_inputs import cam_cases, ddpm_cases, sd15_cases
 from harness.inprocess import png_bytes
-from harness.targets import config_path, models
 from harness.traffic import assert_bad_input_refused, valid_payloads
 from weights import digits
 

@@ -1,6 +1,6 @@
 """Peak memory of the aarch64 workers once the other arm64 tests have run their requests through
 them (this file runs last): with each model's configured maxWorkers, plus TorchServe's Java
-frontend, it must fit the arm64 target's device, a Raspberry Pi 5 with 8 GB (docs/TARGETS.md).
+frontend, it must fit the arm64 target's device, a Raspberry Pi 5 with 8 GB (docs/targets.md).
 
 Memory does not depend on emulation, except that each qemu process adds its translated-code
 cache: the figures are an upper bound of the native ones.
@@ -10,11 +10,11 @@ from __future__ import annotations
 import psutil
 import yaml
 
-from harness.targets import config_path, models
+from deploy.targets import config_path, models
 from harness.traffic import worker_pids
 
 DEVICE_BYTES = 8 * 2**30
-RESERVED_BYTES = 1 * 2**30  # the OS, its page cache and a console session (docs/TARGETS.md)
+RESERVED_BYTES = 1 * 2**30  # the OS, its page cache and a console session (docs/targets.md)
 
 
 def peak_rss(pid: int) -> int:

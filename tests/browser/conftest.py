@@ -24,8 +24,8 @@ from selenium.webdriver.support.ui import WebDriverWait
 from harness import REPO
 from harness.inprocess import demo_weights
 from harness.torchserve import TorchServeInstance, free_port
+from lab import finetune_cam
 from tests.support.shifted import tiny_folder
-from weights import finetune_cam
 
 UI_PYTHON = REPO / ".venv-ui" / "bin" / "python"
 SHOTS = REPO / "outputs" / "ui"
@@ -54,13 +54,13 @@ def server(tmp_path_factory):
 def running_app(inference_url: str, management_url: str, key_file: Path, log: Path):
     """`python -m ui.app` on a free loopback port; yields its URL once it answers."""
     if not UI_PYTHON.exists():
-        pytest.fail(f"{UI_PYTHON} missing: `make test` (or `make ui`) installs the UI venv from requirements-ui.txt")
+        pytest.fail(f"{UI_PYTHON} missing: `make test` (or `make ui`) installs the UI venv: pip install -e '.[ui]'")
     port = free_port()
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [str(UI_PYTHON), "-m", "ui.app", "--port", str(port), "--inference-url", inference_url,
              "--management-url", management_url, "--key-file", str(key_file)],
-            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "GRADIO_TEMP_DIR": str(log.parent / "gradio")},
+            cwd=REPO, env={**os.environ, "GRADIO_TEMP_DIR": str(log.parent / "gradio")},
             stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -111,7 +111,7 @@ def test_inpainting_mask_drawn_in_the_page_is_sent(page, tmp_path):
     page.click("sd15-img2img")  # opens the accordion
     # Strokes made before the editor shows the image are lost (and on a busy machine the upload's
     # own change event can carry no background): paint once the digit is on the canvas. An upload
-    # the editor never shows is sent again, as a user would (README, "Web playground").
+    # the editor never shows is sent again, as a user would (docs/playground.md).
     canvas = None
     for _ in range(3):
         page.upload("sd15-editor", path)

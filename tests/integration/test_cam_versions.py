@@ -8,13 +8,12 @@ import subprocess
 
 import pytest
 
-from clients import compare
 from clients.api import ServerError
 from harness import REPO
 from harness.inprocess import demo_weights
 from harness.torchserve import TorchServeInstance
+from lab import compare, finetune_cam
 from tests.support.shifted import tiny_folder
-from weights import finetune_cam
 
 
 @pytest.fixture(scope="module")

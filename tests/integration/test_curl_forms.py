@@ -1,4 +1,4 @@
-"""Which `curl` command lines deliver a raw image to cam (README "Sending images with curl").
+"""Which `curl` command lines deliver a raw image to cam (handlers/cam/README.md).
 
 The real curl binary against a real TorchServe serving cam.mar, with the instance's inference
 key. Three forms reach the handler and get a prediction; `--data-binary` without a Content-Type

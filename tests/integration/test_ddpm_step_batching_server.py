@@ -4,9 +4,10 @@ its `cpu-step` target (`continuousBatching: true`, `ddpm_step`) beside the same 
 the loop while others run; every answer must equal the static server's (byte for byte alone,
 images within 1/255 in company).
 
-No describe (`GET /models/ddpm_step?customized=true`) here: TorchServe 0.12 re-queues a describe
-job of a continuous-batching model forever and the worker serves nothing else (README,
-"Step-level batching"); the handler's describe path is tested in-process."""
+TorchServe 0.12 re-queues a describe job (`GET /models/ddpm_step?customized=true`) of a
+continuous-batching model forever and the worker serves nothing else (docs/development.md): the
+project's client never sends it one (checked here); the handler's describe path is tested
+in-process."""
 from __future__ import annotations
 
 import base64
@@ -124,3 +125,19 @@ def test_streaming_request_gets_one_event_per_step(server):
     assert_same(events[-1]["response"], server.client.predict("ddpm_static", payload))
     assert ordinary.status_code == 200 and ordinary.headers["content-type"] == "application/json"
     assert ordinary.content == server.client.predict_raw("ddpm_static", {"steps": 20, "seed": 9}).content
+
+
+def test_handler_time_is_logged_and_the_client_never_sends_a_customized_describe(server):
+    """BaseHandler.handle is the entry point of the step-level path too: its HandlerTime metric
+    (one time slice per call) reaches the model metrics log; a customized describe through the
+    project's client comes back plain for the continuous-batching model, and the model serves on."""
+    assert server.client.predict_raw("ddpm_step", {"steps": 4, "seed": 1}).status_code == 200
+    (step,) = server.client.describe("ddpm_step", customized=True)
+    assert step["continuousBatching"] is True and "customizedMetadata" not in step
+    (static,) = server.client.describe("ddpm_static", customized=True)
+    assert static["customizedMetadata"]["step_level_batching"] is False
+    assert server.client.predict_raw("ddpm_step", {"steps": 4, "seed": 1}).status_code == 200
+    deadline = time.monotonic() + 60  # TorchServe writes the metrics log asynchronously
+    while "HandlerTime" not in server.metrics_log("ddpm_step") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert "HandlerTime" in server.metrics_log("ddpm_step")

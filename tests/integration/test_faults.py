@@ -31,7 +31,7 @@ def test_killed_worker_is_replaced_and_no_request_hangs():
 
 
 def test_torchserve_drops_a_batch_being_gathered_when_its_worker_dies():
-    """Pins down a TorchServe 0.12 behaviour the README and docs/RELIABILITY.md describe: a
+    """Pins down a TorchServe 0.12 behaviour docs/reliability.md describes: a
     request waiting for its batch to fill (maxBatchDelay) when the worker process dies gets no
     answer at all (BatchAggregator.getRequest() is interrupted before the batch exists, so no
     "Worker died." is sent); the client's timeout is what ends it. If this test fails, TorchServe

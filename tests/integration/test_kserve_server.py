@@ -15,7 +15,8 @@ import pytest
 import requests
 from PIL import Image
 
-from harness.kserve import KServeTorchServe, write_layout
+from deploy.kserve_layout import write_layout
+from harness.kserve import KServeTorchServe
 
 TIMEOUT = 300
 

@@ -1,5 +1,5 @@
 """What the cam contract promises between two answers for the same image, whether it was served
-alone or in a batch, on x86 or on aarch64 (README, "Targets"): the same top-1 class and target,
+alone or in a batch, on x86 or on aarch64 (docs/targets.md): the same top-1 class and target,
 probabilities and the coarse map within 1e-4, and an overlay within one colormap level.
 
 Why one level: the overlay is `show_cam_on_image` of the upsampled map, which quantises the map

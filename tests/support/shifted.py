@@ -5,7 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from weights import digits, make_shifted_digits
+from lab import make_shifted_digits
+from weights import digits
 
 
 def tiny_folder(root: Path, per_class: int = 3, classes=range(10), seed: int = 0) -> Path:

@@ -12,7 +12,8 @@ from PIL import Image
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from handlers.cam.model import CamHandler, normalise_maps, upsample_maps
+from handlers.cam.handler import CamHandler
+from handlers.cam.model import normalise_maps, upsample_maps
 from harness.bad_inputs import b64, cam_cases
 from harness.context import run_batch
 from harness.inprocess import demo_weights, load_handler, png_bytes, unpack
@@ -32,21 +33,21 @@ def digit_png(image, size=64) -> bytes:
 
 
 def tensors(handler, images):
-    return torch.stack([handler.to_tensor(handler.crop(digits.to_pil(im, 64).convert("RGB"))) for im in images])
+    return torch.stack([handler.model.to_tensor(handler.model.crop(digits.to_pil(im, 64).convert("RGB"))) for im in images])
 
 
 def test_fast_cam_equals_pytorch_grad_cam(cam_handler, heldout):
     handler, _ = cam_handler
     batch = tensors(handler, heldout[0][:12])
     targets = [None] * 6 + [int(t) for t in heldout[1][6:12]]  # predicted and given classes
-    _, chosen, coarse = handler.fast_cam(batch, targets)
+    _, chosen, coarse = handler.model.fast_cam(batch, targets)
     ours = upsample_maps(coarse, tuple(batch.shape[-2:])).numpy()
-    with GradCAM(model=handler.model, target_layers=[handler.model.layer4]) as gradcam:
+    with GradCAM(model=handler.model.net, target_layers=[handler.model.net.layer4]) as gradcam:
         reference = gradcam(input_tensor=batch, targets=[ClassifierOutputTarget(int(t)) for t in chosen])
         # The coarse maps too, from the library's own activations and gradients.
         acts = gradcam.activations_and_grads.activations[0].numpy()
         grads = gradcam.activations_and_grads.gradients[0].numpy()
-        lib_coarse = torch.from_numpy(gradcam.get_cam_image(batch, handler.model.layer4, None, acts, grads, False))
+        lib_coarse = torch.from_numpy(gradcam.get_cam_image(batch, handler.model.net.layer4, None, acts, grads, False))
     assert ours.shape == reference.shape
     assert np.abs(ours - reference).max() < 1e-4
     assert torch.allclose(normalise_maps(lib_coarse.clamp(min=0)), coarse, atol=1e-4)
@@ -57,7 +58,7 @@ def test_map_is_hot_on_the_ink(cam_handler, heldout):
     handler, _ = cam_handler
     images = heldout[0][:40]
     batch = tensors(handler, images)
-    _, _, coarse = handler.fast_cam(batch, [None] * len(images))
+    _, _, coarse = handler.model.fast_cam(batch, [None] * len(images))
     maps = upsample_maps(coarse, tuple(batch.shape[-2:]))
     ink = digits.upscale(images, batch.shape[-1])[:, 0] > 0.5
     ink_mean = torch.stack([m[k].mean() for m, k in zip(maps, ink)])
@@ -147,7 +148,7 @@ def test_pretrained_layout_loads_with_imagenet_labels(tmp_path, fake_resnet50_fi
     (out,) = run_batch(handler, ctx, [{"body": png_bytes(photo)}])
     result = json.loads(out)
     assert ctx.status(0) == 200
-    assert len(result["predictions"]) == 5 and handler.labels[0] == "tench"
+    assert len(result["predictions"]) == 5 and handler.model.labels[0] == "tench"
     assert np.array(result["cam"]["map"]).shape == (7, 7)  # ResNet-50 at 224 px
     overlay = Image.open(io.BytesIO(base64.b64decode(result["cam"]["overlay"])))
     assert overlay.size == (224, 224)

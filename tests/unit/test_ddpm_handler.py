@@ -13,8 +13,8 @@ import yaml
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
 
-from handlers.core.torchscript import FrozenUNet
 from handlers.core.budget import StepClock
+from handlers.core.torchscript import FrozenUNet
 from handlers.ddpm.handler import DdpmHandler
 from handlers.ddpm.request import SCHEDULERS
 from harness.bad_inputs import ddpm_cases

@@ -13,15 +13,14 @@ import torchvision
 from PIL import Image
 from safetensors.torch import load_file
 
-from clients import compare
 from handlers.cam import classifier as cam_model
-from handlers.cam.model import CamHandler
+from handlers.cam.handler import CamHandler
 from harness.context import run_batch
 from harness.inprocess import demo_weights, load_handler, png_bytes, unpack
+from lab import compare, finetune_cam, make_shifted_digits
 from tests.support.shifted import tiny_folder
-from weights import digits, finetune_cam, make_shifted_digits
+from weights import digits
 from weights.image_folder import ImageFolderError
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

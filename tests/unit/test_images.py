@@ -13,9 +13,8 @@ from PIL import Image, ImageOps
 
 from handlers.core.errors import RequestError
 from handlers.core.images import decode_image
-from weights import digits
-
 from harness.context import run_batch
+from weights import digits
 
 BLACK = (0, 0, 0)
 LIMIT = 16_000_000

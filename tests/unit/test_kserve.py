@@ -1,5 +1,5 @@
-"""handlers/kserve.py (v1 / v2 bodies per request, the envelope passthrough) and the KServe layout's
-model_snapshot (harness/kserve.py), without a server (tests/integration/test_kserve_server.py
+"""handlers/core/kserve.py (v1 / v2 bodies per request), the adapter's routes and envelope pass-through, and the KServe layout's
+model_snapshot (deploy/kserve_layout.py), without a server (tests/integration/test_kserve_server.py
 runs them in a real KServe-mode TorchServe)."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from deploy import kserve_layout as layout
+from deploy.targets import config_path, models, targets
 from handlers.core import kserve
 from handlers.core.errors import RequestError
-from harness import kserve as layout
-from harness.targets import config_path, models, targets
 
 
 def test_v2_inputs_and_parameters_become_fields():
@@ -53,9 +53,9 @@ def test_v1_instances():
 
 def test_error_messages_name_where():
     err = RequestError("steps", "'steps' must be an integer")
-    assert kserve._where("instances[1]", err) == "instances[1].steps: 'steps' must be an integer"
-    assert kserve._where("", err) == "steps: 'steps' must be an integer"
-    assert kserve._where("", RequestError("body", "empty")) == "empty"
+    assert kserve.where("instances[1]", err) == "instances[1].steps: 'steps' must be an integer"
+    assert kserve.where("", err) == "steps: 'steps' must be an integer"
+    assert kserve.where("", RequestError("body", "empty")) == "empty"
 
 
 def test_output_tensors():
@@ -70,27 +70,56 @@ def test_output_tensors():
     assert json.loads(mixed["data"][0]) == ["a", None]
 
 
-def test_passthrough_only_for_kserve_native_handlers():
+def test_envelope_passes_through_only_when_set_and_only_to_this_projects_handlers(monkeypatch):
     from ts.torch_handler.request_envelope.kserve import KServeEnvelope
     from ts.torch_handler.request_envelope.kservev2 import KServev2Envelope
 
-    assert kserve.install_passthrough()
-    seen = {}
+    from handlers.adapter import envelope
+    from handlers.adapter.torchserve import TorchServeHandler
 
-    class Native:
-        kserve_native = True
+    stock = {cls: cls.handle for cls in (KServeEnvelope, KServev2Envelope)}
+    monkeypatch.delenv("TS_SERVICE_ENVELOPE", raising=False)
+    envelope.pass_through(TorchServeHandler)  # nothing set: nothing patched
+    assert {cls: cls.handle for cls in stock} == stock and envelope.active() is None
 
+    class Native(TorchServeHandler):
         def handle(self, data, context):
-            seen["data"], seen["protocol"] = data, self.kserve_protocol
             return ["a"] * len(data)
 
     batch = [{"body": {"instances": [1]}}, {"body": {"instances": [2]}}]
-    for cls, protocol in ((KServeEnvelope, "kserve"), (KServev2Envelope, "kservev2")):
-        assert cls(Native().handle).handle(batch, SimpleNamespace()) == ["a", "a"]
-        assert seen == {"data": batch, "protocol": protocol}
-    # any other handler keeps TorchServe's envelope: first request only, one response
-    ctx = SimpleNamespace(get_request_header=lambda i, k: None)
-    assert KServeEnvelope(lambda data, c: [x * 10 for x in data]).handle(batch, ctx) == [{"predictions": [10]}]
+    try:
+        for cls, name in ((KServeEnvelope, "kserve"), (KServev2Envelope, "kservev2")):
+            monkeypatch.setenv("TS_SERVICE_ENVELOPE", name)
+            envelope.pass_through(TorchServeHandler)
+            assert envelope.active() == name
+            assert cls(Native().handle).handle(batch, SimpleNamespace()) == ["a", "a"]
+        # any other handler keeps TorchServe's envelope: first request only, one response
+        ctx = SimpleNamespace(get_request_header=lambda i, k: None)
+        assert KServeEnvelope(lambda data, c: [x * 10 for x in data]).handle(batch, ctx) == [{"predictions": [10]}]
+    finally:
+        for cls, handle in stock.items():
+            cls.handle = handle
+
+
+def test_routes_are_told_apart_per_request(ddpm_handler):
+    """One batch with a /predictions request, a KServe v1 and a v2 request (no url_path header,
+    no envelope) and the same in a gRPC batch (no headers at all: answered like /predictions)."""
+    from harness.context import run_batch
+
+    handler, ctx = ddpm_handler
+    fields = {"steps": 2, "seed": 3}
+    v2 = {"inputs": [{"name": k, "datatype": "INT64", "shape": [1], "data": [v]} for k, v in fields.items()]}
+    ctx.new_batch([{}, {"Content-Type": "application/json"}, {"Content-Type": "application/json"}],
+                  route=["predictions", "kserve", "kserve"])
+    rest, v1_out, v2_out = handler.handle([{"body": fields}, {"body": {"instances": [fields, fields]}},
+                                           {"body": v2}], ctx)
+    rest = json.loads(rest)
+    assert [ctx.status(i) for i in range(3)] == [200, 200, 200]
+    assert json.loads(v1_out)["predictions"] == [rest, rest]
+    outputs = {t["name"]: t["data"] for t in json.loads(v2_out)["outputs"]}
+    assert outputs["images"] == rest["images"] and outputs["seed"] == [3]
+    (grpc,) = run_batch(handler, ctx, [{"body": fields}], route="grpc")
+    assert json.loads(grpc) == rest
 
 
 @pytest.mark.parametrize("target", targets())

@@ -2,7 +2,7 @@
 (kubernetes-validate, strict: unknown fields fail), InferenceServices against KServe's
 v1beta1 CRD schema (deploy/schemas/), and the ports, paths, command line and environment in the
 manifests equal to those of the KServe-mode TorchServe the integration tests start
-(harness/kserve.py: its config.properties and command)."""
+(deploy/kserve_layout.py's config.properties, harness/kserve.py's command)."""
 from __future__ import annotations
 
 import copy
@@ -16,9 +16,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from harness import REPO
-from harness import kserve as ks
-from harness.targets import models, targets
+from deploy import REPO
+from deploy import kserve_layout as ks
+from deploy.targets import models, targets
+from harness.kserve import KServeTorchServe
 
 DEPLOY = REPO / "deploy"
 K8S_VERSION = "1.31.0"
@@ -131,7 +132,7 @@ def test_layout_config_is_what_kserve_needs_and_keeps_management_in_the_pod():
     assert cfg["enable_envvars_config"] == "true" and "model_snapshot" in cfg
     assert cfg["model_store"] == ks.STORE_PATH
     assert ks.RUNTIME_ARGS == ["torchserve", "--start", f"--model-store={ks.STORE_PATH}", f"--ts-config={ks.CONFIG_PATH}"]
-    assert ks.KServeTorchServe.command(ks.STORE_PATH, ks.CONFIG_PATH) == ks.RUNTIME_ARGS
+    assert KServeTorchServe.command(ks.STORE_PATH, ks.CONFIG_PATH) == ks.RUNTIME_ARGS
     # auth decision: token off (KServe's wrapper cannot send it), so nothing but metrics leaves the pod
     assert cfg["disable_token_authorization"] == "true"
     for key in ("inference_address", "management_address"):

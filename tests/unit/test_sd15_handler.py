@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from handlers.core.budget import StepClock
 from handlers.core.errors import RequestError
-from handlers.core.streaming import StepClock
 from harness.bad_inputs import b64, sd15_cases
 from harness.context import run_batch
 from harness.inprocess import png_bytes
@@ -41,9 +41,9 @@ def centre_mask(size=64) -> np.ndarray:
 
 def test_one_set_of_components(sd15_handler):
     handler, _ = sd15_handler
-    base = handler.pipes["txt2img"]
+    base = handler.model.pipes["txt2img"]
     for mode in ("img2img", "inpaint"):
-        pipe = handler.pipes[mode]
+        pipe = handler.model.pipes[mode]
         assert pipe.unet is base.unet and pipe.vae is base.vae and pipe.text_encoder is base.text_encoder
         assert pipe.tokenizer is base.tokenizer
 
@@ -85,8 +85,8 @@ def test_mixed_batch_runs_in_groups_each_like_a_single_call(sd15_handler, monkey
             {**BASE, "seed": 8, "scheduler": "euler", "steps": 2}, {**img2img, "prompt": "z", "seed": 9},
             {**inpaint, "seed": 10, "num_images": 2}, {**BASE, "seed": 5, "scheduler": "dpm++"}]
     sizes = []
-    run_group = handler.run_group
-    monkeypatch.setattr(handler, "run_group", lambda group: sizes.append(len(group.requests)) or run_group(group))
+    run_group = handler.model.run_group
+    monkeypatch.setattr(handler.model, "run_group", lambda group, progress: sizes.append(len(group.requests)) or run_group(group, progress))
     batched = run_batch(handler, ctx, [{"body": r} for r in reqs])
     assert [ctx.status(i) for i in range(len(reqs))] == [200] * len(reqs)
     assert sizes == [1, 2, 2, 1, 1]
@@ -132,7 +132,7 @@ def test_inpainting_keeps_pixels_outside_the_mask(sd15_handler):
     result = pixels(body["images"][0])
     original = np.asarray(Image.open(io.BytesIO(src)), dtype=int)
     # Reference tolerance: what the VAE alone does to this image (encode -> decode round trip).
-    pipe = handler.pipes["txt2img"]
+    pipe = handler.model.pipes["txt2img"]
     with torch.inference_mode():
         x = torch.from_numpy(original.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
         rt = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample
@@ -162,25 +162,23 @@ def test_cpu_budget_is_what_the_config_says(sd15_handler, n, steps, size, fits):
     SD1.5's 0.115 steps/s; a 1024x1024 step costs 5.8 units (attention is quadratic), not 4, and
     every image adds a VAE decode."""
     handler, ctx = sd15_handler
-    measured = handler.clock
-    handler.clock = StepClock(1 / 0.115)
-    handler.update_budget()
+    measured = handler.model.budget.clock
+    handler.model.budget.clock = StepClock(1 / 0.115)
     try:
         body = {"prompt": "x", "steps": steps, "width": size, "height": size, "num_images": n}
-        req = handler.parse({"body": body})
-        assert (req.cost() <= handler.budget) == fits
+        req = handler.model.parse(body)
+        assert (req.cost() <= handler.model.budget.units) == fits
         if not fits:
             with pytest.raises(RequestError, match="response timeout"):
-                handler.check_cost(req)
+                handler.model.budget.check(req)
     finally:
-        handler.clock = measured
-        handler.update_budget()
+        handler.model.budget.clock = measured
 
 
 def test_img2img_cost_counts_only_the_steps_it_runs(sd15_handler):
     handler, _ = sd15_handler
     src = b64(gradient_png(64))
-    cost = {s: handler.parse({"body": {"prompt": "x", "steps": 10, "image": src, "strength": s}}).cost()
+    cost = {s: handler.model.parse({"prompt": "x", "steps": 10, "image": src, "strength": s}).cost()
             for s in (0.3, 0.35, 1.0)}
     assert cost[0.3] == cost[0.35] < cost[1.0]  # int(10 x 0.35) = 3 steps, like diffusers
 
@@ -218,13 +216,13 @@ def test_flagged_images_are_reported_not_blacked_out(sd15_handler):
     checker = StableDiffusionSafetyChecker(config).eval()
     with torch.no_grad():
         checker.concept_embeds_weights.fill_(-1.0)  # every cosine similarity is above threshold
-    pipe = handler.pipes["txt2img"]
-    saved = handler.safety_checker, pipe.feature_extractor
-    handler.safety_checker, pipe.feature_extractor = checker, CLIPImageProcessor(size=32, crop_size=32)
+    pipe = handler.model.pipes["txt2img"]
+    saved = handler.model.safety_checker, pipe.feature_extractor
+    handler.model.safety_checker, pipe.feature_extractor = checker, CLIPImageProcessor(size=32, crop_size=32)
     try:
         (out,) = run_batch(handler, ctx, [{"body": {**BASE, "seed": 0, "num_images": 2}}])
     finally:
-        handler.safety_checker, pipe.feature_extractor = saved
+        handler.model.safety_checker, pipe.feature_extractor = saved
     body = json.loads(out)
     assert ctx.status(0) == 200
     assert body["nsfw"] == [True, True] and body["images"] == [None, None]

@@ -1,7 +1,7 @@
 """What the sd15 handler draws means what the request says: the trained demo model
 (weights/demo/sd15) served in-process, judged by the `cam` demo classifier.
 
-Fast versions of weights/eval_sd15_quality.py's checks (the same functions, fewer samples, the
+Fast versions of benchmarks/eval_sd15_quality.py's checks (the same functions, fewer samples, the
 handler's defaults unless a check says otherwise). Thresholds are far below the full goals
 (benchmarks/results/sd15-quality.md) but far above chance, so each test fails when the handler
 breaks the feature it checks: negative_prompt ignored, mask inverted, strength ignored, guidance
@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import pytest
 
+from benchmarks import eval_sd15_quality as Q
 from harness.inprocess import load_handler, unpack
-from weights import eval_sd15_quality as Q
 from weights import sd15_captions as C
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """(handler, ctx, judge) on the trained demo weights."""
-    from handlers.sd15.model import Sd15Handler
+    from handlers.sd15.handler import Sd15Handler
     from harness.inprocess import demo_weights
 
     model_dir = unpack(tmp_path_factory.mktemp("sd15-trained"), "sd15", demo_weights("sd15"))
@@ -46,7 +46,7 @@ def adherence_at(trained):
 
 def test_the_trained_model_is_served_at_its_native_size(trained):
     handler, _, _ = trained
-    assert handler.native_size == 64 and not handler.demo  # no DEMO_MODEL.txt: not the random smoke test
+    assert handler.model.native_size == 64 and not handler.model.demo  # no DEMO_MODEL.txt: not the random smoke test
 
 
 def test_prompt_names_the_digit(adherence_at):

@@ -142,7 +142,7 @@ def test_main_cli(tmp_path, capsys):
 
 
 def test_make_big_weights_dir(tmp_path):
-    from weights.make_big_weights_dir import dir_bytes, main
+    from benchmarks.make_big_weights_dir import dir_bytes, main
 
     out = tmp_path / "big"
     assert main(["--out", str(out), "--size-gb", "0.03"]) == 0

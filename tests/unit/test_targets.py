@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.targets import REPO, config_path, models, targets
+from deploy.targets import REPO, config_path, models, targets
 
 
 def archive(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -32,7 +32,7 @@ def configs_with(tmp_path: Path, target: str, for_models: list[str]) -> Path:
 
 def test_discovered_from_model_configs():
     assert models() == sorted(p.name for p in (REPO / "model_configs").iterdir()
-                              if p.is_dir() and (REPO / "handlers" / f"{p.name}.py").exists())
+                              if p.is_dir() and (REPO / "handlers" / p.name / "handler.py").exists())
     for m in models():
         assert targets(m) == sorted(p.stem for p in (REPO / "model_configs" / m).glob("*.yaml"))
         assert "cpu" in targets(m)  # archive.sh's default

@@ -10,13 +10,13 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from handlers.ddpm.model import DdpmHandler
+from deploy.targets import config_path, targets
+from handlers.core.budget import StepClock
 from handlers.core.errors import RequestError
-from handlers.sd15.model import Sd15Handler
-from handlers.core.streaming import StepClock
+from handlers.ddpm.handler import DdpmHandler
+from handlers.sd15.handler import Sd15Handler
 from harness.context import run_batch
 from harness.inprocess import demo_weights, load_handler, unpack
-from harness.targets import config_path, targets
 
 DIFFUSION = {"ddpm": DdpmHandler, "sd15": Sd15Handler}
 
@@ -44,20 +44,19 @@ def test_budget_follows_the_measured_speed(tmp_path, model, target):
     assert not {"image_steps_per_second", "steps_per_second_512"} & set(cfg["handler"])
     handler, ctx = load_handler(DIFFUSION[model], model, unpack(tmp_path, model, demo_weights(model), target), target)
     allowed_s = cfg["responseTimeout"] * cfg["handler"]["timeout_margin"]
-    assert handler.budget == pytest.approx(allowed_s / handler.clock.seconds_per_unit)
-    worst = worst_request(model, handler.request.limits)
-    worst_req = handler.parse({"body": worst})
-    streamed = handler.parse({"body": {**worst, "stream": True}})
+    assert handler.model.budget.units == pytest.approx(allowed_s / handler.model.budget.clock.seconds_per_unit)
+    worst = worst_request(model, handler.model.request.limits)
+    worst_req = handler.model.parse(worst)
+    streamed = handler.model.parse({**worst, "stream": True})
     # A clock at which the whole request needs twice the allowed time but one step fits easily.
-    handler.clock = StepClock(2 * allowed_s / worst_req.cost())
-    handler.update_budget()
-    assert streamed.step_cost() * 10 < handler.budget < worst_req.cost()
+    handler.model.budget.clock = StepClock(2 * allowed_s / worst_req.cost())
+    assert streamed.step_cost() * 10 < handler.model.budget.units < worst_req.cost()
     with pytest.raises(RequestError, match="response timeout") as refused:
-        handler.check_cost(worst_req)
+        handler.model.budget.check(worst_req)
     assert "stream" in str(refused.value)  # the 400 says how to get it done
     run_batch(handler, ctx, [{"body": worst}])
     assert ctx.status(0) == 400
-    handler.check_cost(streamed)
+    handler.model.budget.check(streamed)
 
 
 def test_step_clock_follows_a_slower_machine_never_a_faster_batch():
