@@ -88,3 +88,30 @@ def test_makefile_help_lists_the_discovered_targets():
     out = subprocess.run(["make", "-s", "help"], cwd=REPO, capture_output=True, text=True,
                          check=True).stdout
     assert f"[TARGET={'|'.join(sorted(set().union(*(targets(m) for m in models()))))}]" in out
+
+
+def test_an_archive_packs_the_core_and_its_own_model_only(tmp_path):
+    """cam's archive holds handlers/core, handlers/adapter and handlers/cam, so editing another
+    model never rebuilds it; sd15's format comes from its config. Run on a copy of the tree."""
+    tree = tmp_path / "tree"
+    for part in ("handlers", "model_configs"):
+        shutil.copytree(REPO / part, tree / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "archive.sh", tree)
+    env = {**os.environ, "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}",
+           "CAM_WEIGHTS": str(REPO / "weights/demo/cam"), "SD15_WEIGHTS": str(REPO / "weights/demo/sd15")}
+
+    def build(*models):
+        return subprocess.run([str(tree / "archive.sh"), "--store", str(tmp_path / "store"), *models], env=env,
+                              capture_output=True, text=True, timeout=300, check=True)
+
+    build("cam", "sd15")
+    with zipfile.ZipFile(tmp_path / "store" / "cam.mar") as z:
+        packages = {Path(n).parts[1] for n in z.namelist() if n.startswith("handlers/") and n.count("/") > 1}
+    assert packages == {"core", "adapter", "cam"}
+    assert (tmp_path / "store" / "sd15" / "MAR-INF").is_dir()  # archive_format: no-archive in its configs
+    with open(tree / "handlers" / "sd15" / "model.py", "a") as f:
+        f.write("\n# an edit of another model\n")
+    assert "cam is up to date" in build("cam").stdout
+    with open(tree / "handlers" / "core" / "errors.py", "a") as f:
+        f.write("\n# an edit of the core\n")
+    assert "wrote" in build("cam").stdout
