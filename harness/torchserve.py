@@ -157,12 +157,6 @@ class TorchServeInstance:
         path = self.dir / "logs" / "model_log.log"
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def metrics_log(self, model: str) -> str:
-        """The lines of logs/model_metrics.log about `model`."""
-        path = self.dir / "logs" / "model_metrics.log"
-        text = path.read_text(errors="replace") if path.exists() else ""
-        return "".join(line for line in text.splitlines(keepends=True) if f"ModelName:{model}" in line)
-
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             try:
