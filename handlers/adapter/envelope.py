@@ -7,9 +7,11 @@ a batch and return ONE response for the whole batch, so every request of a batch
 503 "number of batch response mismatched". The handlers speak both KServe protocols themselves,
 per request (handlers/core/kserve.py), so they need no envelope: without `TS_SERVICE_ENVELOPE`
 nothing here runs. When it is set, `pass_through()` — called from the handler's initialize, never
-at import — makes that envelope class hand the raw batch to handlers of this project (other
-handlers keep the stock envelope), after checking that the installed TorchServe is the release
-whose envelope it was written against. An envelope set with `service_envelope` in
+at import — makes that envelope class hand the raw batch to handlers of this project and their
+answers back unchanged (other handlers keep the stock envelope), after checking that the
+installed TorchServe is the release whose envelope it was written against. The envelope's
+`handle` is already bound when initialize runs, so what changes is what it calls at request
+time: its `parse_input` and `format_output`. An envelope set with `service_envelope` in
 config.properties instead is not visible to the worker: leave it unset.
 
 `KSERVE_STOCK_ENVELOPE=1` keeps the stock envelope (to show what it does; see the tests).
@@ -44,15 +46,18 @@ def pass_through(handler_cls: type) -> None:
         raise RuntimeError(f"TS_SERVICE_ENVELOPE={name} needs torchserve {TORCHSERVE_VERSION}, found {installed}: "
                            "unset TS_SERVICE_ENVELOPE (the handlers speak KServe v1/v2 themselves)")
     cls = getattr(importlib.import_module(f"ts.torch_handler.request_envelope.{name}"), CLASSES[name])
-    if getattr(cls.handle, "passes_through", False):
+    if getattr(cls.parse_input, "passes_through", False):
         return
-    stock = cls.handle
+    stock_parse, stock_format = cls.parse_input, cls.format_output
 
-    def handle(self, data, context):
-        if isinstance(getattr(self._handle_fn, "__self__", None), handler_cls):
-            self.context = context
-            return self._handle_fn(data, context)
-        return stock(self, data, context)
+    def ours(envelope) -> bool:
+        return isinstance(getattr(envelope._handle_fn, "__self__", None), handler_cls)
 
-    handle.passes_through = True
-    cls.handle = handle
+    def parse_input(self, data):
+        return data if ours(self) else stock_parse(self, data)
+
+    def format_output(self, data):
+        return data if ours(self) else stock_format(self, data)
+
+    parse_input.passes_through = True
+    cls.parse_input, cls.format_output = parse_input, format_output

@@ -4,7 +4,8 @@ the server adapter copies onto the wire unchanged.
 
 Errors are answered per request: `{"error": "...", "field": "..."}` with the error's status, or
 for KServe `{"error": "<field>: ..."}`. A request whose first message already went out (a stream,
-a step-level request still running) has a fixed status: a later error travels in its body.
+a step-level request still running) has a fixed status: a later error travels in its body
+(`later`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from handlers.core import kserve
-from handlers.core.batch import JSON_TYPE, KSERVE_V1, NDJSON_TYPE, Admitted, Outcome
+from handlers.core.batch import JSON_TYPE, KSERVE_V1, NDJSON_TYPE, REST, Admitted, Outcome
 from handlers.core.errors import RequestError
 
 BATCH_SIZE_HEADER = "X-Batch-Size"
@@ -57,12 +58,6 @@ def running(content_type: str, batch_size: int, body: bytes = b"") -> Reply:
 def later(body: bytes) -> Reply:
     """A message after the first: the body only."""
     return Reply(body, head=False)
-
-
-def late(outcome: Outcome) -> Reply:
-    """The last message of a request whose first one already went out (not streamed): its answer,
-    or its error in the body (the status is already 200)."""
-    return later(_encode(outcome.error.body() if outcome.error is not None else outcome.response))
 
 
 # NDJSON events ------------------------------------------------------------------------------
@@ -119,6 +114,6 @@ def kserve_reply(req: Admitted, outcomes: list[Outcome], batch_size: int, model_
 
 def refused(req: Admitted, batch_size: int, model_name: str, model_version: str | None) -> Reply:
     """The answer of a request refused whole (before any model request of it ran)."""
-    if req.incoming.protocol == "rest":
+    if req.incoming.protocol == REST:
         return rest(Outcome(error=req.error), batch_size)
     return kserve_reply(req, [], batch_size, model_name, model_version)

@@ -77,10 +77,10 @@ def test_envelope_passes_through_only_when_set_and_only_to_this_projects_handler
     from handlers.adapter import envelope
     from handlers.adapter.torchserve import TorchServeHandler
 
-    stock = {cls: cls.handle for cls in (KServeEnvelope, KServev2Envelope)}
+    stock = {cls: (cls.parse_input, cls.format_output) for cls in (KServeEnvelope, KServev2Envelope)}
     monkeypatch.delenv("TS_SERVICE_ENVELOPE", raising=False)
     envelope.pass_through(TorchServeHandler)  # nothing set: nothing patched
-    assert {cls: cls.handle for cls in stock} == stock and envelope.active() is None
+    assert {cls: (cls.parse_input, cls.format_output) for cls in stock} == stock and envelope.active() is None
 
     class Native(TorchServeHandler):
         def handle(self, data, context):
@@ -90,15 +90,16 @@ def test_envelope_passes_through_only_when_set_and_only_to_this_projects_handler
     try:
         for cls, name in ((KServeEnvelope, "kserve"), (KServev2Envelope, "kservev2")):
             monkeypatch.setenv("TS_SERVICE_ENVELOPE", name)
+            bound = cls(Native().handle).handle  # TorchServe binds the envelope before initialize
             envelope.pass_through(TorchServeHandler)
             assert envelope.active() == name
-            assert cls(Native().handle).handle(batch, SimpleNamespace()) == ["a", "a"]
+            assert bound(batch, SimpleNamespace()) == ["a", "a"]
         # any other handler keeps TorchServe's envelope: first request only, one response
         ctx = SimpleNamespace(get_request_header=lambda i, k: None)
         assert KServeEnvelope(lambda data, c: [x * 10 for x in data]).handle(batch, ctx) == [{"predictions": [10]}]
     finally:
-        for cls, handle in stock.items():
-            cls.handle = handle
+        for cls, (parse, fmt) in stock.items():
+            cls.parse_input, cls.format_output = parse, fmt
 
 
 def test_routes_are_told_apart_per_request(ddpm_handler):
