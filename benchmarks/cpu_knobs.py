@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import RESULTS
 from handlers.cam.classifier import preprocess, read_config
 from handlers.cam.handler import CamHandler
 from handlers.core.torchscript import FrozenUNet
@@ -39,7 +40,6 @@ from handlers.sd15.handler import Sd15Handler
 from harness.inprocess import demo_weights, load_handler, unpack
 from weights import digits
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ROUNDS = 7
 CALLS = 5  # calls per timing
 SPEEDUP_TO_ADOPT = 1.15

@@ -27,12 +27,17 @@ GOAL_CONFIDENT = 0.70
 GOAL_CLASS_SHARE = 0.04
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def judged_samples_parser(description: str, num_help: str) -> argparse.ArgumentParser:
+    """The arguments of every ddpm evaluation: the model, the judge, how many samples."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ddpm", default="weights/demo/ddpm", help="diffusers DDPM pipeline directory")
     p.add_argument("--cam", default="weights/demo/cam", help="cam demo weights directory")
-    p.add_argument("--num", type=int, default=200, help="samples to draw")
+    p.add_argument("--num", type=int, default=200, help=num_help)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = judged_samples_parser(__doc__.splitlines()[0], "samples to draw")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)

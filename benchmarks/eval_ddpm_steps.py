@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.eval_ddpm_quality import CONFIDENCE, CamClassifier, summarize
+from benchmarks.eval_ddpm_quality import CONFIDENCE, CamClassifier, judged_samples_parser, summarize
 from handlers.ddpm.handler import DdpmHandler
 from handlers.ddpm.request import SCHEDULERS
 from harness.context import run_batch
@@ -37,11 +37,7 @@ PER_REQUEST = 16  # the cpu target's max_num_images
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--ddpm", default="weights/demo/ddpm", help="diffusers DDPM pipeline directory")
-    p.add_argument("--cam", default="weights/demo/cam", help="cam demo weights directory")
-    p.add_argument("--num", type=int, default=200, help="samples per row")
+    p = judged_samples_parser(__doc__.splitlines()[0], "samples per row")
     p.add_argument("--schedulers", default=",".join(SCHEDULERS))
     p.add_argument("--steps", default=",".join(map(str, STEPS)))
     p.add_argument("--spacing", nargs="*", default=[None],

@@ -15,16 +15,15 @@ import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from tqdm import tqdm
 
+from benchmarks import RESULTS
 from benchmarks.measure import percentile
 from harness import REPO
 from harness.torchserve import TorchServeInstance
 from harness.traffic import rss_mb, valid_payloads, worker_pids
 
-RESULTS = Path(__file__).resolve().parent / "results"
 ARCHIVES = {"cam": "cam.mar", "ddpm": "ddpm.mar", "sd15": "sd15"}
 # Share of the mix: the diffusion requests are small but still far slower than cam's.
 WEIGHTS = {"cam": 6, "ddpm": 1, "sd15": 1}

@@ -10,14 +10,13 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
+from benchmarks import RESULTS
 from benchmarks.load import ARCHIVES, available, run_load
 from harness import REPO, bad_inputs
 from harness.torchserve import TorchServeInstance
 from harness.traffic import kill_worker_under_load, valid_payloads, worker_pids
 
-RESULTS = Path(__file__).resolve().parent / "results"
 DOC = REPO / "docs" / "reliability.md"
 
 

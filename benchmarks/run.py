@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks import RESULTS
+
 # benchmarks/bench_<name>.py; limits: speed estimates; ddpm_workload: static vs step-level batching;
 # streaming: what NDJSON progress and previews cost
 MODELS = ("cam", "ddpm", "ddpm_workload", "sd15", "limits", "streaming")

@@ -15,6 +15,16 @@ import resource
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
+from handlers.sd15.model import enable_vae_tiles
+
+
+def sd15_vae() -> AutoencoderKL:
+    """SD1.5's VAE config (as in the stable-diffusion-v1-5 repository), random weights."""
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                         layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
+                         scaling_factor=0.18215).eval()
+
 
 def peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -31,14 +41,11 @@ def main(argv: list[str] | None = None) -> None:
         block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3).eval()
-    vae = AutoencoderKL(  # SD1.5's VAE config
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4).eval()
+    vae = sd15_vae()
     loaded = peak_gib()
     print(f"UNet + VAE built: peak {loaded:.2f} GiB", flush=True)
     unet.set_attention_slice("auto")
-    vae.enable_tiling()
+    enable_vae_tiles(vae, 512, 8)  # as arm64.yaml's vae_tile_size
     latent = args.size // 8
     with torch.no_grad():
         unet(torch.randn(args.batch, 4, latent, latent), 10, encoder_hidden_states=torch.randn(args.batch, 77, 768))

@@ -16,6 +16,10 @@ root="${1:?usage: $0 ROOT}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 say() { echo "[arm64] $*"; }
 die() { echo "make test-arm64: $*" >&2; exit 1; }
+# Any other failing command still says which one it was (set -e alone exits silently).
+trap 'echo "make test-arm64: $0 line $LINENO failed: $BASH_COMMAND" >&2' ERR
+# Commands in the userland get a clean environment: the host's TMPDIR etc. do not exist inside.
+run() { chroot "$root" /usr/bin/env -i HOME=/root PATH=/opt/venv/bin:/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"; }
 
 [ "$(uname -m)" = x86_64 ] || [ "$(uname -m)" = aarch64 ] || die "unsupported host $(uname -m)"
 if [ "$(uname -m)" = x86_64 ]; then
@@ -52,10 +56,11 @@ fi
 
 # pip in the userland needs the host's CA certificates (a proxy's CA here) and DNS.
 if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
-  cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
-  chroot "$root" /usr/sbin/update-ca-certificates >/dev/null 2>&1
+  cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/" \
+    || die "could not copy the host's CA certificates into $root"
+  out="$(run /usr/sbin/update-ca-certificates 2>&1)" || die "update-ca-certificates failed in the userland: $out"
 fi
-cp -L /etc/resolv.conf "$root/etc/resolv.conf"
+cp -L /etc/resolv.conf "$root/etc/resolv.conf" || die "could not copy /etc/resolv.conf into $root"
 
 pins="$(mktemp)"
 trap 'rm -f "$pins"' EXIT
@@ -65,8 +70,7 @@ if ! cmp -s "$pins" "$root/opt/venv/.requirements"; then
   say "installing pyproject.toml's pins (base, serve, train, dev) into $root/opt/venv (aarch64 pip, ~10 min)"
   start=$SECONDS
   cp "$pins" "$root/opt/requirements.txt"
-  run() { chroot "$root" /usr/bin/env -i HOME=/root PATH=/opt/venv/bin:/usr/bin:/bin LANG=C.UTF-8 "$@"; }
-  [ -x "$root/opt/venv/bin/pip" ] || run python3 -m venv /opt/venv
+  [ -x "$root/opt/venv/bin/pip" ] || run python3 -m venv /opt/venv || die "python3 -m venv /opt/venv failed in the userland"
   # The venv's python is a symlink to /usr/bin/python3.11; run from the host (QEMU_LD_PREFIX, no
   # chroot) the kernel would resolve it to the host's x86 python. A copy stays aarch64.
   for exe in "$root"/opt/venv/bin/python*; do

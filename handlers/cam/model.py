@@ -54,21 +54,21 @@ class CamModel(ServedModel):
         super().__init__(*args, **kwargs)
         self.load_weights(self.weights)
         self.bind_request({"num_classes": self.num_classes, "max_target": self.num_classes - 1})
-        logger.info("cam: %s with %d classes on %s", self.arch, self.num_classes, self.device)
+        logger.info("cam: %s with %d classes on %s (%s)", self.arch, self.num_classes, self.device, self.dtype)
 
     def load_weights(self, wdir: str) -> None:
         cfg = classifier.read_config(wdir)
         self.arch = cfg["arch"]
         self.labels = list(cfg["labels"])
         self.num_classes = int(cfg["num_classes"])
-        self.net = classifier.load_model(wdir, cfg).to(self.device)
+        self.net = classifier.load_model(wdir, cfg).to(self.device, self.dtype)
         self.target_layer = cfg["target_layer"]
         self.classifier = self.net.get_submodule(cfg["classifier_layer"])
         self.extractor = create_feature_extractor(
             self.net, return_nodes={self.target_layer: "features", cfg["classifier_layer"]: "logits"}
         )
         with torch.inference_mode():
-            probe = torch.zeros(1, 3, int(cfg["input_size"]), int(cfg["input_size"]), device=self.device)
+            probe = torch.zeros(1, 3, int(cfg["input_size"]), int(cfg["input_size"]), device=self.device, dtype=self.dtype)
             self.map_size = tuple(self.extractor(probe)["features"].shape[-2:])
         self.grayscale = bool(cfg["grayscale"])
         self.background = cfg["background"]
@@ -92,12 +92,12 @@ class CamModel(ServedModel):
     @torch.inference_mode()
     def classify(self, batch: torch.Tensor) -> torch.Tensor:
         """Class probabilities only (the cost baseline of the CAM benchmark)."""
-        return self.net(batch.to(self.device)).softmax(dim=1)
+        return self.net(batch.to(self.device, self.dtype)).float().softmax(dim=1)
 
     @torch.inference_mode()
     def fast_cam(self, batch: torch.Tensor, targets: list[int | None]):
         """Probabilities and normalised coarse CAMs from ONE forward pass, for the whole batch."""
-        out = self.extractor(batch.to(self.device))
+        out = self.extractor(batch.to(self.device, self.dtype))
         probs = out["logits"].float().softmax(dim=1)
         chosen = torch.tensor(
             [t if t is not None else int(p.argmax()) for t, p in zip(targets, probs)], device=self.device
@@ -116,7 +116,7 @@ class CamModel(ServedModel):
             # yields the coarse maps themselves, upsampled below like the fast path's.
             explainer.get_target_width_height = lambda _input: (self.map_size[1], self.map_size[0])
             coarse = explainer(
-                input_tensor=batch.to(self.device),
+                input_tensor=batch.to(self.device, self.dtype),
                 targets=[ClassifierOutputTarget(int(t)) for t in chosen],
             )
         return probs, chosen.to(self.device), torch.from_numpy(np.asarray(coarse, dtype=np.float32))

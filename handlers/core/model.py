@@ -30,19 +30,22 @@ logger = logging.getLogger(__name__)
 Progress = Callable[..., None]
 
 
-def select_device(gpu_id: int | None, config: dict) -> tuple[torch.device, torch.dtype]:
-    """CUDA when the server gave this worker a GPU, else CPU; dtype from the config.
+def configured_dtype(config: dict, cuda: bool) -> torch.dtype:
+    """The dtype a worker runs in: `dtype_gpu` on CUDA (float16 when a config for CPUs leaves it
+    out), else `dtype_cpu` (float32 when a config for GPUs leaves it out), from the `handler:` section."""
+    name = config.get("dtype_gpu", "float16") if cuda else config.get("dtype_cpu", "float32")
+    return getattr(torch, str(name))
 
-    `dtype_gpu` (float16 when a config for CPUs leaves it out) and `dtype_cpu` (float32 when a
-    config for GPUs leaves it out) in the `handler:` section; `threads` sets torch's intra-op
-    threads on CPU (0 or absent: torch's default).
-    """
+
+def select_device(gpu_id: int | None, config: dict) -> tuple[torch.device, torch.dtype]:
+    """CUDA when the server gave this worker a GPU, else CPU, with `configured_dtype`; `threads`
+    sets torch's intra-op threads on CPU (0 or absent: torch's default)."""
     if torch.cuda.is_available() and gpu_id is not None:
-        return torch.device(f"cuda:{gpu_id}"), getattr(torch, str(config.get("dtype_gpu", "float16")))
+        return torch.device(f"cuda:{gpu_id}"), configured_dtype(config, cuda=True)
     threads = int(config.get("threads", 0) or 0)
     if threads > 0:
         torch.set_num_threads(threads)
-    return torch.device("cpu"), getattr(torch, str(config.get("dtype_cpu", "float32")))
+    return torch.device("cpu"), configured_dtype(config, cuda=False)
 
 
 def runtime() -> dict:

@@ -151,9 +151,11 @@ class DdpmModel(ServedModel):
         req = pending.params
         generators = group_of(pending).generators()
         scheduler, x, step_kwargs, keep = self.start(req.scheduler, req.steps, req.eta, generators)
+        # A streamed request's first event is step 0, sent on admission as the static path sends it.
+        events = [progress_event(0, len(scheduler.timesteps), 0.0, 0.0)] if streaming(req) else []
         return SimpleNamespace(pending=pending, scheduler=scheduler, x=x, k=0, step_kwargs=step_kwargs,
                                keep=keep if req.trajectory else set(), frames={0: []} if req.trajectory else {},
-                               done=False, started=time.monotonic(), events=[])
+                               done=False, started=time.monotonic(), events=events)
 
     def run_slice(self, flights: list[SimpleNamespace]) -> None:
         """Steps of every flight for one time slice: the flights split over the lanes, each lane

@@ -6,7 +6,7 @@ Requests of one TorchServe batch with the same mode, size, steps, scheduler, gui
 strength run as one pipeline call with a list of prompts and one generator per image (a
 request's images all draw from that request's own generator), so a seeded request gives the same
 image alone or inside a batch. Each group gets a fresh scheduler instance. The request, its
-defaults and its cost model are declared in handlers/sd15_request.py.
+defaults and its cost model are declared in handlers/sd15/request.py.
 """
 from __future__ import annotations
 
@@ -55,14 +55,16 @@ class Sd15Model(ServedModel):
         base.register_to_config(requires_safety_checker=False)
         if self.config.get("attention_slicing"):
             base.enable_attention_slicing()
-        if self.config.get("vae_tiling"):
-            base.vae.enable_tiling()
+        tile = self.config.get("vae_tile_size")
+        if tile:
+            enable_vae_tiles(base.vae, int(tile), base.vae_scale_factor)
         if self.config.get("compile"):
             base.unet = torch.compile(base.unet)
+        # from_pipe casts the modules it shares to its own dtype argument, float32 when left out.
         self.pipes = {
             "txt2img": base,
-            "img2img": StableDiffusionImg2ImgPipeline.from_pipe(base),
-            "inpaint": StableDiffusionInpaintPipeline.from_pipe(base),
+            "img2img": StableDiffusionImg2ImgPipeline.from_pipe(base, dtype=self.dtype),
+            "inpaint": StableDiffusionInpaintPipeline.from_pipe(base, dtype=self.dtype),
         }
         for pipe in self.pipes.values():
             pipe.set_progress_bar_config(disable=True)
@@ -190,6 +192,19 @@ class Sd15Model(ServedModel):
             body["nsfw"] = nsfw
         return Outcome(response=body)
 
+
+
+def enable_vae_tiles(vae, tile: int, scale_factor: int) -> None:
+    """Images with a side above `tile` px are decoded (and img2img's inputs encoded) in tiles of
+    `tile` px overlapping by a quarter, so the VAE's peak memory is that of a tile; smaller images
+    are untouched. diffusers' AutoencoderKL takes its tile size from the weights' `sample_size`
+    and has no argument for it, hence the attributes; a tile under SD1.5's 512 px shows seams
+    (docs/targets.md, "VAE tiles")."""
+    if tile < 512 or tile % scale_factor:
+        raise ValueError(f"sd15: vae_tile_size {tile} must be >= 512 and a multiple of {scale_factor} (or null)")
+    vae.enable_tiling()
+    vae.tile_sample_min_size = tile
+    vae.tile_latent_min_size = tile // scale_factor
 
 
 def latent_rgb_fit(vae, device, dtype, count: int = 16, side: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
