@@ -109,16 +109,16 @@ def test_streaming_client_gets_only_the_final_body(server):
 
 def test_streaming_request_gets_one_event_per_step(server):
     """Under step-level batching every handle() call runs one or more steps (a time slice): a
-    `"stream": true` request gets each step's progress event (and previews) in the call's message,
-    and last the static server's response to the same request; an ordinary request in flight with
-    it still gets only its body."""
+    `"stream": true` request gets a step-0 event on admission, then each step's progress event
+    (and previews) in the call's message, and last the static server's response to the same
+    request; an ordinary request in flight with it still gets only its body."""
     payload = {"steps": 12, "seed": 8, "num_images": 2, "scheduler": "dpm++"}
     with ThreadPoolExecutor(1) as pool:
         ordinary = pool.submit(server.client.predict_raw, "ddpm_step", {"steps": 20, "seed": 9})
         events = list(server.client.stream("ddpm_step", {**payload, "preview_every": 4}))
         ordinary = ordinary.result(timeout=120)
     progress = [e for e in events if e["event"] == "progress"]
-    assert [e["step"] for e in progress] == list(range(1, 13)) and {e["total"] for e in progress} == {12}
+    assert [e["step"] for e in progress] == list(range(13)) and {e["total"] for e in progress} == {12}  # admission + each step
     previews = [e for e in events if e["event"] == "preview"]
     assert [e["step"] for e in previews] == [4, 8] and all(len(e["images"]) == 2 for e in previews)
     assert events[-1]["event"] == "result"
