@@ -13,7 +13,7 @@ unexport TS_CONFIG_FILE
 .PHONY: help setup weights archive kserve quality start stop ui browser demo lint test test-unit test-integration test-arm64 bench reliability compare clean
 
 help:
-	@echo "make setup                    create .venv: pip install -e '.[serve,train,dev]' (pins: pyproject.toml; checks Java 17)"
+	@echo "make setup                    create .venv: pip install -e '.[serve,train,dev,grpc]' (pins: pyproject.toml; checks Java 17)"
 	@echo "make weights  [PROFILE=demo|pretrained]   build/prepare the weights directories"
 	@echo "make archive  [PROFILE=..] [TARGET=$(subst $(eval) ,|,$(TARGETS))]   build .mar archives into model_store/"
 	@echo "make kserve   [PROFILE=..] [TARGET=..]   KServe storage layout -> outputs/kserve/<target>/ (docs/kserve.md)"
@@ -34,7 +34,7 @@ help:
 	@v=$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1); \
 	  [ "$${v:-0}" -ge 17 ] || { echo "TorchServe needs Java 17 or newer; found Java $${v:-unknown}. Install openjdk-17-jre-headless."; exit 1; }
 	@[ -x .venv/bin/python ] || python3 -m venv .venv
-	.venv/bin/pip install --disable-pip-version-check -q -e '.[serve,train,dev]'
+	.venv/bin/pip install --disable-pip-version-check -q -e '.[serve,train,dev,grpc]'
 	@touch $@
 
 # `source .venv/bin/activate && torchserve --start` then uses config.properties (TorchServe reads

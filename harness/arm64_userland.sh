@@ -6,9 +6,10 @@
 #
 # Each step is skipped when its result exists: ROOT (debootstrap, built in ROOT.partial and moved
 # into place), ROOT/opt/venv/.requirements (the requirements list it was installed from: the base,
-# serve, train and dev pins of pyproject.toml, generated on the host by deploy/pins.py with their
-# platform markers, which the aarch64 pip evaluates; a changed list re-runs pip, which installs
-# only what changed). Needs root, apt and binfmt_misc: without them it says which is
+# serve, train, dev and grpc pins of pyproject.toml, as `make setup` installs them (`ARM64_UNIT=tests/unit`
+# imports every client module, clients/grpc_api.py included), generated on the host by deploy/pins.py
+# with their platform markers, which the aarch64 pip evaluates; a changed list re-runs pip, which
+# installs only what changed). Needs root, apt and binfmt_misc: without them it says which is
 # missing in one line and exits 1.
 set -euo pipefail
 
@@ -65,9 +66,9 @@ cp -L /etc/resolv.conf "$root/etc/resolv.conf" || die "could not copy /etc/resol
 pins="$(mktemp)"
 trap 'rm -f "$pins"' EXIT
 py="$here/.venv/bin/python"; [ -x "$py" ] || py=python3  # deploy/pins.py needs python >= 3.11 (tomllib)
-"$py" "$here/deploy/pins.py" serve train dev > "$pins" || die "could not read the pins of $here/pyproject.toml"
+"$py" "$here/deploy/pins.py" serve train dev grpc > "$pins" || die "could not read the pins of $here/pyproject.toml"
 if ! cmp -s "$pins" "$root/opt/venv/.requirements"; then
-  say "installing pyproject.toml's pins (base, serve, train, dev) into $root/opt/venv (aarch64 pip, ~10 min)"
+  say "installing pyproject.toml's pins (base, serve, train, dev, grpc) into $root/opt/venv (aarch64 pip, ~10 min)"
   start=$SECONDS
   cp "$pins" "$root/opt/requirements.txt"
   [ -x "$root/opt/venv/bin/pip" ] || run python3 -m venv /opt/venv || die "python3 -m venv /opt/venv failed in the userland"

@@ -35,10 +35,14 @@ class ContinuousWorker:
         self.queue: list[tuple[str, object, dict]] = []  # arrivals not yet admitted
         self.live: list[str] = []  # requests the backend holds (ts_stream_next true)
         self.answers: dict[str, Answer] = {}
+        self.routes: dict[str, str] = {}
         self.calls = 0
 
-    def submit(self, rid: str, body, headers: dict | None = None) -> None:
+    def submit(self, rid: str, body, headers: dict | None = None, route: str = "predictions") -> None:
+        """route: "predictions" (REST) or "grpc" (no headers; the frontend drops a live gRPC job
+        after its first message, so its first message must be its last)."""
         self.queue.append((rid, {"body": body}, headers or {}))
+        self.routes[rid] = route
 
     def step(self) -> None:
         """One handle() call: continuing requests first ({}), then arrivals up to batchSize."""
@@ -46,7 +50,8 @@ class ContinuousWorker:
         arrivals, self.queue = self.queue[:quota], self.queue[quota:]
         rids = self.live + [rid for rid, _, _ in arrivals]
         data = [{} for _ in self.live] + [row for _, row, _ in arrivals]
-        self.ctx.new_batch([{} for _ in self.live] + [h for _, _, h in arrivals])
+        self.ctx.new_batch([{} for _ in self.live] + [h for _, _, h in arrivals],
+                           route=[self.routes[rid] for rid in rids])
         self.ctx.request_ids = dict(enumerate(rids))
         ret = self.handler.handle(data, self.ctx)
         self.calls += 1
@@ -63,7 +68,9 @@ class ContinuousWorker:
             ans.chunks.append(ret[idx])
             ans.calls += 1
             nxt = self.ctx.get_response_headers(idx).get("ts_stream_next")
-            if first and nxt == "false":
+            if self.routes[rid] == "grpc" and nxt != "false":
+                raise AssertionError(f"{rid}: a gRPC answer without ts_stream_next false (dropped or a frontend NPE)")
+            if first and nxt == "false" and self.routes[rid] != "grpc":
                 raise AssertionError(f"{rid}: True on its first call (the client would hang)")
             ans.streamed = ans.streamed or nxt is not None
             if nxt == "true":

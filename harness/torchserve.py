@@ -146,6 +146,13 @@ class TorchServeInstance:
             metrics_url=self.url("metrics"), key_file=self.dir / "key_file.json", **kwargs,
         )
 
+    def make_grpc_client(self, **kwargs):
+        """The gRPC client (clients/grpc_api.py; the `grpc` extra) on this instance's gRPC ports."""
+        from clients.grpc_api import GrpcClient
+
+        return GrpcClient(f"127.0.0.1:{self.ports['grpc_i']}", f"127.0.0.1:{self.ports['grpc_m']}",
+                          key_file=self.dir / "key_file.json", **kwargs)
+
     def url(self, api: str) -> str:
         return f"http://127.0.0.1:{self.ports[api]}"
 

@@ -10,7 +10,10 @@ so HandlerTime times a slice, not a whole request.
 
 Routes are told apart per request: `/predictions` and `/explanations` requests carry a
 `url_path` header, the KServe v1 / v2 routes do not (their body says which: `instances` or
-`inputs`), and gRPC requests carry no headers at all (they are answered like `/predictions`).
+`inputs`), and gRPC requests carry no headers at all. A gRPC request is answered like
+`/predictions`, in one message that says it is the last (`ts_stream_next: false`): TorchServe
+0.12's gRPC job reads that header on every answer to a StreamPredictions call without a null
+check, and the worker dies of the NullPointerException (docs/protocols.md).
 """
 from __future__ import annotations
 
@@ -22,10 +25,13 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handlers.adapter import envelope
 from handlers.core.answers import Reply
-from handlers.core.batch import KSERVE_V1, KSERVE_V2, REST, Incoming
+from handlers.core.batch import GRPC, KSERVE_V1, KSERVE_V2, REST, Incoming
 from handlers.core.bodies import FormFields
 from handlers.core.loops import Server, StaticLoop, StepLoop
 from handlers.core.model import ServedModel, select_device
+
+TS_STREAM_NEXT = "ts_stream_next"  # TorchServe's header: "true" = more messages follow
+BINARY_HEADER = "inference-header-content-length"  # KServe v2's binary tensor extension
 
 
 def headers_of(context, idx: int) -> dict[str, str]:
@@ -35,13 +41,15 @@ def headers_of(context, idx: int) -> dict[str, str]:
 
 
 def protocol_of(headers: dict[str, str], body) -> str:
-    """REST for /predictions, /explanations (a `url_path` header) and gRPC (no headers); else
-    the KServe route the body belongs to (the envelope's, when TorchServe runs one)."""
-    if "url_path" in headers or not headers:
+    """REST for /predictions, /explanations (a `url_path` header), gRPC (no headers); else the
+    KServe route the body belongs to (the envelope's, when TorchServe runs one)."""
+    if "url_path" in headers:
         return REST
+    if not headers:
+        return GRPC
     if envelope.active() is not None:
         return envelope.active()
-    return KSERVE_V2 if isinstance(body, dict) and "inputs" in body else KSERVE_V1
+    return KSERVE_V2 if BINARY_HEADER in headers or isinstance(body, dict) and "inputs" in body else KSERVE_V1
 
 
 def incoming(context, idx: int, row) -> Incoming:
@@ -55,7 +63,8 @@ def incoming(context, idx: int, row) -> Incoming:
     headers = headers_of(context, idx)
     ids = getattr(context, "request_ids", None) or {}
     return Incoming(idx, body, protocol_of(headers, body), request_id=ids.get(idx),
-                    accept=headers.get("accept", ""), explain=headers.get("explain") == "True")
+                    accept=headers.get("accept", ""), explain=headers.get("explain") == "True",
+                    binary_tensors=BINARY_HEADER in headers)
 
 
 class Channel:
@@ -124,9 +133,14 @@ class TorchServeHandler(BaseHandler):
         if self.step_loop is not None and ids:
             messages = self.step_loop.run(batch)
             self.context.stopping_criteria = [lambda _ret, ended=ended: ended for _, ended in messages]
-            return [reply for reply, _ in messages]
-        # In-process callers have no request ids: nothing to stream to, nothing comes back.
-        return self.static_loop.run(batch, Channel(self.context, len(batch)) if ids else None)
+            replies = [reply for reply, _ in messages]
+        else:
+            # In-process callers have no request ids: nothing to stream to, nothing comes back.
+            replies = self.static_loop.run(batch, Channel(self.context, len(batch)) if ids else None)
+        for inc, reply in zip(batch, replies):
+            if inc.protocol == GRPC:
+                reply.headers[TS_STREAM_NEXT] = "false"  # the one and last message (module docstring)
+        return replies
 
     def postprocess(self, replies: list[Reply]) -> list:
         for idx, reply in enumerate(replies):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from handlers.core import kserve
-from handlers.core.batch import JSON_TYPE, KSERVE_V1, NDJSON_TYPE, REST, Admitted, Outcome
+from handlers.core.batch import JSON_TYPE, KSERVE_V1, NDJSON_TYPE, OWN_ANSWER, Admitted, Outcome
 from handlers.core.errors import RequestError
 
 BATCH_SIZE_HEADER = "X-Batch-Size"
@@ -114,6 +114,6 @@ def kserve_reply(req: Admitted, outcomes: list[Outcome], batch_size: int, model_
 
 def refused(req: Admitted, batch_size: int, model_name: str, model_version: str | None) -> Reply:
     """The answer of a request refused whole (before any model request of it ran)."""
-    if req.incoming.protocol == REST:
+    if req.incoming.protocol in OWN_ANSWER:
         return rest(Outcome(error=req.error), batch_size)
     return kserve_reply(req, [], batch_size, model_name, model_version)

@@ -16,10 +16,12 @@ JSON_TYPE = "application/json"
 PNG_TYPE = "image/png"
 NDJSON_TYPE = "application/x-ndjson"
 
-REST = "rest"  # /predictions, /explanations and gRPC: the model's own JSON / PNG / NDJSON
+REST = "rest"  # /predictions, /explanations: the model's own JSON / PNG / NDJSON
+GRPC = "grpc"  # gRPC Predictions / StreamPredictions: the model's own JSON, in ONE message
 KSERVE_V1 = "kserve"  # {"instances": [...]} -> {"predictions": [...]}
 KSERVE_V2 = "kservev2"  # Open Inference Protocol: {"inputs": [...]} -> {"outputs": [...]}
-PROTOCOLS = (REST, KSERVE_V1, KSERVE_V2)
+PROTOCOLS = (REST, GRPC, KSERVE_V1, KSERVE_V2)
+OWN_ANSWER = (REST, GRPC)  # protocols answered with the model's own body (not a KServe envelope)
 
 
 @dataclass
@@ -32,6 +34,7 @@ class Incoming:
     request_id: str | None = None  # the server's id; the step-level loop follows requests by it
     accept: str = ""  # the Accept header
     explain: bool = False  # sent to an explanations route
+    binary_tensors: bool = False  # a KServe v2 body in the binary tensor extension's framing
 
     @property
     def wants_png(self) -> bool:

@@ -5,9 +5,11 @@ translated PER REQUEST of a batch, so KServe requests batch like any other.
   request requires an `image` (cam) a bare base64 string is the image, and `data` is accepted for
   `image` as in TorchServe's KServe examples); the answer is `{"predictions": [one per instance]}`
   (`{"explanations": ...}` on :explain).
-* v2: the request's inputs (and its `parameters`) are the model's fields, one element each (cam's
-  image: a BYTES input holding base64); the answer is `{"id", "model_name", "model_version",
-  "outputs"}` with one output tensor per field of the model's JSON answer.
+* v2: the request's inputs (and its `parameters`, except the reserved ones below) are the model's
+  fields, one element each (cam's image: a BYTES input holding base64); the answer is `{"id",
+  "model_name", "model_version", "outputs"}` with one JSON output tensor per field of the model's
+  JSON answer. Tensors are JSON only: a body in the binary tensor extension's framing is refused
+  with a 400 that says how to send JSON.
 * Bad input: the request's own HTTP status (400, 503 busy, 500) and `{"error": "<field>: ..."}`
   (the protocol's error shape); the other requests of the batch are answered normally.
 
@@ -59,6 +61,16 @@ def _v2_value(inp: Any, place: str) -> tuple[str, Any]:
     return name, value
 
 
+# Request `parameters` that the protocol and its common extensions (Triton's binary tensor,
+# sequence and schedule-policy extensions; KServe's codecs) define: accepted and ignored. Answers
+# are always JSON tensors (clients read them whatever they asked for), the models keep no
+# sequence state, and the server's own queue and time budget decide order and time.
+RESERVED_PARAMETERS = frozenset({"binary_data_output", "sequence_id", "sequence_start", "sequence_end",
+                                 "priority", "timeout", "content_type"})
+BINARY_REFUSED = ("the binary tensor extension is not supported: send JSON tensors (tritonclient: "
+                  "InferInput.set_data_from_numpy(array, binary_data=False))")
+
+
 def unwrap_v2(body: dict) -> tuple[dict, dict]:
     """A v2 request body -> (the model's fields, metadata: id, requested outputs)."""
     inputs = body.get("inputs")
@@ -74,6 +86,8 @@ def unwrap_v2(body: dict) -> tuple[dict, dict]:
     if not isinstance(params, dict):
         raise RequestError("parameters", "'parameters' must be an object")
     for name, value in params.items():
+        if name in RESERVED_PARAMETERS:
+            continue
         if name in fields:
             raise RequestError(name, "given both as an input and as a parameter")
         fields[name] = value

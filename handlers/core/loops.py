@@ -19,9 +19,11 @@ from typing import Any
 from handlers.core import answers, kserve
 from handlers.core.answers import Reply
 from handlers.core.batch import (
+    GRPC,
     JSON_TYPE,
     KSERVE_V2,
     NDJSON_TYPE,
+    OWN_ANSWER,
     PNG_TYPE,
     REST,
     Admitted,
@@ -41,6 +43,17 @@ logger = logging.getLogger(__name__)
 BUSY = "server busy: this batch is at its time budget; retry"
 
 
+def not_streamed(protocol: str) -> RequestError:
+    """The 400 of a `stream` request on a protocol that answers once per request."""
+    if protocol == GRPC:
+        return RequestError("stream", "'stream' is not available over gRPC: TorchServe 0.12 cannot tell a "
+                            "unary call from a streaming one, and a unary call that gets more than one "
+                            "message breaks its worker; use POST /predictions/<model> for NDJSON progress "
+                            "events (docs/protocols.md)")
+    return RequestError("stream", "'stream' is not available over the KServe protocol; use "
+                                  "/predictions/<model> for NDJSON progress events")
+
+
 @dataclass
 class Server:
     """What the loops need to know of the server: names for KServe v2 answers, and the most
@@ -56,9 +69,11 @@ def admit(model: ServedModel, inc: Incoming, flat: list, server: Server) -> Admi
     refused it), each parsed, checked against the time budget, with what its request asked for."""
     req = Admitted(inc)
     try:
-        if inc.protocol == REST:
+        if inc.protocol in OWN_ANSWER:
             bodies = [("", inc.body)]
         elif inc.protocol == KSERVE_V2:
+            if inc.binary_tensors:
+                raise RequestError("body", kserve.BINARY_REFUSED)
             fields, meta = kserve.unwrap_v2(json_body(inc.body))
             req.v2_id, req.wanted_outputs = meta["id"], meta.get("outputs")
             bodies = [("", fields)]
@@ -70,12 +85,11 @@ def admit(model: ServedModel, inc: Incoming, flat: list, server: Server) -> Admi
         return req
     for label, body in bodies:
         try:
-            if inc.protocol != REST and not isinstance(body, dict):
+            if inc.protocol not in OWN_ANSWER and not isinstance(body, dict):
                 raise RequestError(None, f"must be a JSON object of the model's fields, got {type(body).__name__}")
             params = model.parse(body)
-            if inc.protocol != REST and streaming(params):  # KServe's protocols answer once per request
-                raise RequestError("stream", "'stream' is not available over the KServe protocol; "
-                                             "use /predictions/<model> for NDJSON progress events")
+            if inc.protocol != REST and streaming(params):  # the other protocols answer once per request
+                raise not_streamed(inc.protocol)
             model.budget.check(params)
             png = inc.protocol == REST and inc.wants_png and model.png_ok(params)
             item = Pending(len(flat), params, png=png, explain=inc.explain, origin=inc.idx)
@@ -90,7 +104,7 @@ def answer(req: Admitted, outcomes: list[Outcome], batch_size: int, server: Serv
     """A request's answer in its protocol, from the outcomes of its model requests."""
     if req.error is not None:
         return answers.refused(req, batch_size, server.model_name, server.model_version)
-    if req.incoming.protocol == REST:
+    if req.incoming.protocol in OWN_ANSWER:
         ((_, i),) = req.members
         return answers.rest(outcomes[i], batch_size)
     return answers.kserve_reply(req, outcomes, batch_size, server.model_name, server.model_version)
@@ -176,7 +190,7 @@ class InFlight:
 
     def content_type(self) -> str:
         p = self.pendings[0]
-        if self.req.incoming.protocol == REST and isinstance(p, Pending):
+        if self.req.incoming.protocol in OWN_ANSWER and isinstance(p, Pending):
             return NDJSON_TYPE if p.streaming else PNG_TYPE if p.png else JSON_TYPE
         return JSON_TYPE
 
@@ -191,7 +205,11 @@ class StepLoop:
 
     `run` returns, per request, its message and whether it ended: None = answered in its first
     call (an ordinary response), False = still running (this message is a chunk), True = its
-    last chunk."""
+    last chunk.
+
+    gRPC requests get one message only (TorchServe 0.12 drops a gRPC request after its first
+    message under continuous batching), so they run whole in the call they arrive in, on the
+    static loop, and the requests in flight wait for them."""
 
     def __init__(self, model: ServedModel, server: Server):
         if not model.can_step:
@@ -199,9 +217,17 @@ class StepLoop:
         model.start_stepping()
         self.model = model
         self.server = server
+        self.whole = StaticLoop(model, server)
         self.in_flight: dict[str, InFlight] = {}
 
     def run(self, batch: list[Incoming]) -> list[tuple[Reply, bool | None]]:
+        once = [inc for inc in batch if inc.protocol == GRPC]
+        answered = dict(zip((inc.idx for inc in once), self.whole.run(once, None))) if once else {}
+        stepped = [inc for inc in batch if inc.protocol != GRPC]
+        messages = dict(zip((inc.idx for inc in stepped), self.step(stepped, len(batch))))
+        return [(answered[inc.idx], None) if inc.idx in answered else messages[inc.idx] for inc in batch]
+
+    def step(self, batch: list[Incoming], batch_size: int) -> list[tuple[Reply, bool | None]]:
         ids = [inc.request_id for inc in batch]
         for gone in set(self.in_flight) - set(ids):  # the server dropped it (client closed)
             del self.in_flight[gone]
@@ -220,7 +246,7 @@ class StepLoop:
                 t = self.in_flight[rid]
                 t.outcomes.update({i: Outcome(error=internal_error(exc)) for i in t.flights})
                 t.flights.clear()
-        return [self.message(self.in_flight[inc.request_id], inc, first=inc.idx in new, batch_size=len(batch))
+        return [self.message(self.in_flight[inc.request_id], inc, first=inc.idx in new, batch_size=batch_size)
                 for inc in batch]
 
     def take_off(self, inc: Incoming) -> InFlight:

@@ -65,6 +65,23 @@ def test_seeded_request_alone_is_byte_identical(server):
     assert step.content == static.content  # a client that does not stream sees the final body only
 
 
+def test_grpc_requests_are_answered_whole_beside_the_loop(server):
+    """TorchServe 0.12 drops a live gRPC job after its first message under continuous batching:
+    a gRPC request arriving while a REST request is in the loop is answered whole (the static
+    answer, byte for byte), over Predictions and StreamPredictions, and the REST one finishes."""
+    long = {"steps": 40, "seed": 8, "scheduler": "ddpm"}
+    short = {"steps": 6, "seed": 9, "scheduler": "ddim"}
+    with ThreadPoolExecutor(1) as pool, server.make_grpc_client() as grpc_client:
+        running = pool.submit(server.client.predict_raw, "ddpm_step", long)
+        time.sleep(0.3)
+        unary = grpc_client.predict("ddpm_step", short)
+        streamed = list(grpc_client.stream_predictions("ddpm_step", short))
+        assert running.result().content == server.client.predict_raw("ddpm_static", long).content
+    static = server.client.predict_raw("ddpm_static", short)
+    assert unary == static.json()
+    assert streamed == [static.content]
+
+
 def test_requests_joining_mid_loop_match_static(server):
     """A long request runs; the others arrive while it is denoising and share its UNet calls."""
     payloads = [{"steps": 60, "seed": 1, "scheduler": "ddpm"},

@@ -4,14 +4,21 @@ flags) in the repo root serves the store with config.properties, and never a sta
 `make setup` makes the venv's activate export TS_CONFIG_FILE=<repo>/config.properties (TorchServe
 reads its config only from --ts-config or TS_CONFIG_FILE). The server runs in a directory laid
 out like the repo root (model_store/ holding only cam.mar, so it stays cheap) on the FIXED ports
-of config.properties: the other tests' servers use free ephemeral ports, but a `make start`
-server left running would clash, so the test fails with a clear message instead.
+of config.properties (8080-8082, gRPC 7070/7071), which a `make start` server may hold. So the
+whole scenario (`torchserve --start`, the client's requests, `torchserve --stop`) runs in a
+network namespace of its own (`unshare -n`, loopback brought up with `ip link set lo up`; entered
+with `nsenter`), and the server gets its own TMPDIR/TEMP: its pid file and the workers' unix
+sockets are files, shared across namespaces. That needs root, util-linux's unshare/nsenter and
+iproute2's ip; without them the test is skipped, with the reason. Whatever the outcome, every
+process left in the namespace (TorchServe's java, its workers) and the namespace's holder are
+killed afterwards.
 """
 from __future__ import annotations
 
 import json
 import os
-import socket
+import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -20,13 +27,14 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from clients.api import TorchServeClient
 from harness import REPO
 from harness.inprocess import png_bytes
 from harness.torchserve import key_file_written
 from weights import digits
 
 ACTIVATE = REPO / ".venv" / "bin" / "activate"
+NETNS_NEEDED = ("needs root and `unshare -n` to get a network namespace of its own: the test must "
+                "bind config.properties' fixed ports, which a `make start` server may hold")
 
 
 def properties() -> dict:
@@ -44,10 +52,58 @@ def ports(props: dict) -> list[int]:
                                                int(props["grpc_management_port"])]
 
 
-def busy(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+class NetNs:
+    """A network namespace held by a sleeping process (`holder`); `enter` prefixes a command
+    that runs in it."""
+
+    def __init__(self, holder: subprocess.Popen):
+        self.holder = holder
+        self.enter = ["nsenter", "-t", str(holder.pid), "-n"]
+        self.ns = os.readlink(f"/proc/{holder.pid}/ns/net")
+
+    def others(self) -> list[int]:
+        """The processes in the namespace besides the holder (they all entered it through us)."""
+        pids = []
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit() and int(proc.name) != self.holder.pid:
+                try:
+                    if os.readlink(proc / "ns" / "net") == self.ns:
+                        pids.append(int(proc.name))
+                except OSError:  # exited, or a kernel thread
+                    pass
+        return pids
+
+
+@pytest.fixture
+def netns():
+    if os.geteuid() != 0:
+        pytest.skip(f"{NETNS_NEEDED} (not running as root)")
+    missing = [tool for tool in ("unshare", "nsenter", "ip") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"{NETNS_NEEDED} ({', '.join(missing)} not found; unshare and nsenter come "
+                    "with util-linux, ip with iproute2)")
+    holder = subprocess.Popen(
+        ["unshare", "-n", "sh", "-c", "ip link set lo up && echo up && exec sleep infinity"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if holder.stdout.readline().strip() != "up":  # `up` once lo is up in the new namespace
+        holder.kill()
+        _, err = holder.communicate(timeout=10)
+        pytest.skip(f"{NETNS_NEEDED} (`unshare -n` + `ip link set lo up` failed: {err.strip()})")
+    ns = NetNs(holder)
+    try:
+        assert ns.ns != os.readlink("/proc/self/ns/net"), "unshare -n left the host's namespace"
+        yield ns
+    finally:
+        for pid in ns.others():  # what the test left running: TorchServe's java, its workers
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while ns.others() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        holder.kill()
+        holder.communicate(timeout=10)
 
 
 def stale_snapshot(root: Path) -> None:
@@ -63,21 +119,42 @@ def stale_snapshot(root: Path) -> None:
         f"model_snapshot={json.dumps(snapshot)}\n")
 
 
-def shell(root: Path, env: dict, command: str, log: Path, timeout: float) -> int:
+def shell(netns: NetNs, root: Path, env: dict, command: str, log: Path, timeout: float) -> int:
+    """A user's shell in the namespace: the venv activated, in root."""
     # The daemon inherits stdout: write it to a file, never to a pipe this test would wait on.
     with open(log, "ab") as out:
-        return subprocess.run(["bash", "-c", f'source "{ACTIVATE}" && cd "{root}" && {command}'],
+        return subprocess.run([*netns.enter, "bash", "-c", f'source "{ACTIVATE}" && cd "{root}" && {command}'],
                               env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout).returncode
 
 
-def test_plain_torchserve_start_serves_the_store(tmp_path):
+# The client's side, run in the namespace (the server's ports are only there): waits for the
+# listeners and the model, then lists, describes and asks; prints what it saw as JSON.
+CLIENT = """
+import json, sys, time
+from clients.api import TorchServeClient
+inference, management, metrics, key_file, image = sys.argv[1:]
+client = TorchServeClient(inference, management, metrics, key_file=key_file)
+deadline = time.monotonic() + 30
+while True:  # the key file is written before the listeners are bound
+    try:
+        client.list_models()
+        break
+    except OSError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.5)
+(desc,) = client.wait_ready(["cam"], timeout=180)
+models = [m["modelName"] for m in client.list_models()]
+with open(image, "rb") as f:
+    r = client.predict_raw("cam", f.read())
+print(json.dumps({"desc": desc, "models": models, "status": r.status_code, "text": r.text}))
+"""
+
+
+def test_plain_torchserve_start_serves_the_store(tmp_path, netns):
     assert f'export TS_CONFIG_FILE="{REPO}/config.properties"' in ACTIVATE.read_text(), \
         "the venv's activate does not export TS_CONFIG_FILE: run 'make setup'"
     props = properties()
-    in_use = [p for p in ports(props) if busy(p)]
-    if in_use:
-        pytest.fail(f"ports {in_use} of config.properties are in use (a TorchServe from "
-                    "'make start' or 'torchserve --start'? stop it first: 'make stop')")
     archive = REPO / "model_store" / "cam.mar"
     assert archive.exists(), f"{archive} missing: run ./archive.sh first"
 
@@ -87,51 +164,47 @@ def test_plain_torchserve_start_serves_the_store(tmp_path):
     (root / "tmp").mkdir()
     stale_snapshot(root)
     # A user's shell: no TS_CONFIG_FILE before activate, no PYTHONPATH (handlers come from the
-    # archive). TMPDIR/TEMP private: its own pid file, so --stop stops this server only.
+    # archive). TMPDIR/TEMP private: its own pid file (so --stop stops this server only) and
+    # worker sockets.
     env = {k: v for k, v in os.environ.items() if k not in ("TS_CONFIG_FILE", "PYTHONPATH")}
     env.update(TMPDIR=str(root / "tmp"), TEMP=str(root / "tmp"), TMP=str(root / "tmp"))
     log = tmp_path / "torchserve.out"
+    images, labels = digits.load_arrays()
+    _, test = digits.split_indices()
+    i = int(test[0])
+    image = tmp_path / "digit.png"
+    image.write_bytes(png_bytes(digits.to_pil(images[i], 64)))
 
     try:
-        assert shell(root, env, "torchserve --start", log, 120) == 0, log.read_text()[-3000:]
+        assert shell(netns, root, env, "torchserve --start", log, 120) == 0, log.read_text()[-3000:]
         deadline = time.monotonic() + 120
         while not key_file_written(root / "key_file.json"):
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
-        client = TorchServeClient(props["inference_address"], props["management_address"],
-                                  props["metrics_address"], key_file=root / "key_file.json")
-        deadline = time.monotonic() + 30
-        while True:  # the key file is written before the listeners are bound
-            try:
-                client.list_models()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, log.read_text()[-3000:]
-                time.sleep(0.5)
-        (desc,) = client.wait_ready(["cam"], timeout=180)
+        client = subprocess.run(
+            [*netns.enter, str(REPO / ".venv" / "bin" / "python"), "-c", CLIENT,
+             props["inference_address"], props["management_address"], props["metrics_address"],
+             str(root / "key_file.json"), str(image)],
+            cwd=REPO, capture_output=True, text=True, timeout=400)
+        assert client.returncode == 0, client.stderr[-3000:] + "\n" + log.read_text()[-3000:]
+        seen = json.loads(client.stdout.splitlines()[-1])
         text = log.read_text()
         assert f"Config file: {REPO}/config.properties" in text
         assert f"Model Store: {root}/model_store" in text
-        assert [m["modelName"] for m in client.list_models()] == ["cam"]
+        assert seen["models"] == ["cam"]
         cfg = yaml.safe_load((REPO / "model_configs" / "cam" / "cpu.yaml").read_text())
         # The archive's model config, not the stale snapshot's batchSize 3 / maxBatchDelay 777.
+        desc = seen["desc"]
         assert (desc["batchSize"], desc["maxBatchDelay"]) == (cfg["batchSize"], cfg["maxBatchDelay"])
-
-        images, labels = digits.load_arrays()
-        _, test = digits.split_indices()
-        i = int(test[0])
-        r = client.predict_raw("cam", png_bytes(digits.to_pil(images[i], 64)))
-        assert r.status_code == 200, r.text
-        assert r.json()["predictions"][0]["index"] == int(labels[i])
+        assert seen["status"] == 200, seen["text"]
+        assert json.loads(seen["text"])["predictions"][0]["index"] == int(labels[i])
     finally:
-        shell(root, env, "torchserve --stop", log, 60)
+        shell(netns, root, env, "torchserve --stop", log, 60)
         deadline = time.monotonic() + 30
-        while any(busy(p) for p in ports(props)) and time.monotonic() < deadline:
+        while netns.others() and time.monotonic() < deadline:
             time.sleep(0.5)
-        pid_file = root / "tmp" / ".model_server.pid"
-        if any(busy(p) for p in ports(props)) and pid_file.exists():
-            os.kill(int(pid_file.read_text().strip()), 9)  # our own server, by its pid
-            pytest.fail("torchserve --stop did not stop the server; killed it")
+        if left := netns.others():  # the netns fixture kills them
+            pytest.fail(f"torchserve --stop did not stop the server: processes {left} still run")
 
 
 def test_private_servers_ignore_an_activated_venv(monkeypatch):

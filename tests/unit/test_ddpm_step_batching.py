@@ -269,3 +269,21 @@ def test_describe_and_static_calls_still_work_in_step_mode(handlers):
     (out,) = run_batch(step, ctx, [{"body": {"steps": 3, "seed": 9}}])
     assert out == static_alone(handlers, {"steps": 3, "seed": 9})[0]
 
+
+
+def test_grpc_request_runs_whole_in_its_first_call(handlers):
+    """TorchServe 0.12 drops a live gRPC job after its first message under continuous batching:
+    a gRPC request arriving while REST requests are in flight is answered whole in the call it
+    arrives in (its body the static path's), marked as the last message, and the requests in
+    flight go on to their own answers."""
+    _, (step, ctx) = handlers
+    worker = ContinuousWorker(step, ctx, batch_size=4)
+    worker.submit("rest", {"steps": 4, "seed": 1})
+    worker.step()
+    worker.submit("grpc", {"steps": 3, "seed": 2}, route="grpc")
+    worker.drain()
+    grpc, rest = worker.answers["grpc"], worker.answers["rest"]
+    assert (grpc.status, grpc.calls, grpc.headers["ts_stream_next"]) == (200, 1, "false")
+    assert_same_response(grpc.body, static_alone(handlers, {"steps": 3, "seed": 2})[0])
+    assert rest.status == 200 and rest.calls > 1
+    assert_same_response(rest.body, static_alone(handlers, {"steps": 4, "seed": 1})[0])

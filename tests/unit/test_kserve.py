@@ -41,6 +41,31 @@ def test_v2_errors_name_the_field(body, field):
     assert exc.value.field == field
 
 
+def test_v2_reserved_parameters_are_accepted_and_ignored():
+    """What tritonclient and KServe send at their defaults (binary_data_output, ...) is not a
+    model field."""
+    inputs = [{"name": "steps", "datatype": "INT64", "shape": [1], "data": [2]}]
+    reserved = {name: True for name in kserve.RESERVED_PARAMETERS}
+    fields, _ = kserve.unwrap_v2({"inputs": inputs, "parameters": {**reserved, "seed": 4}})
+    assert fields == {"steps": 2, "seed": 4}
+
+
+def test_v2_binary_tensors_are_refused_with_how_to_send_json(ddpm_handler):
+    """A body in the binary tensor extension's framing (tritonclient's default) gets a 400 that
+    names the JSON flag, not 'body is not valid JSON'; the JSON request of the same batch is
+    answered."""
+    handler, ctx = ddpm_handler
+    header = json.dumps({"inputs": [{"name": "steps", "datatype": "INT64", "shape": [1],
+                                     "parameters": {"binary_data_size": 8}}]}).encode()
+    v2 = {"inputs": [{"name": "steps", "datatype": "INT64", "shape": [1], "data": [2]}],
+          "parameters": {"binary_data_output": True}}
+    ctx.new_batch([{"Inference-Header-Content-Length": str(len(header))}, {"Content-Type": "application/json"}],
+                  route="kserve")
+    binary, ok = handler.handle([{"body": header + (2).to_bytes(8, "little")}, {"body": v2}], ctx)
+    assert ctx.status(0) == 400 and "binary_data=False" in json.loads(binary)["error"]
+    assert ctx.status(1) == 200 and [t["name"] for t in json.loads(ok)["outputs"]][:1] == ["images"]
+
+
 def test_v1_instances():
     assert kserve.unwrap_v1({"instances": ["aGk=", {"data": "aGk=", "topk": 1}, {"image": {"b64": "aGk="}}]}, "image", 8) == [
         {"image": "aGk="}, {"topk": 1, "image": "aGk="}, {"image": "aGk="}]

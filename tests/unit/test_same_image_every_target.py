@@ -6,22 +6,18 @@ stay within the bound docs/targets.md states above it.
 """
 from __future__ import annotations
 
-import base64
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
-import yaml
 from diffusers import AutoencoderKL, StableDiffusionPipeline
-from PIL import Image
 
-from deploy.targets import config_path, targets
+from deploy.targets import targets
 from handlers.sd15.handler import Sd15Handler
 from handlers.sd15.model import enable_vae_tiles
 from harness.context import run_batch
-from harness.inprocess import demo_weights, load_handler
+from harness.inprocess import demo_weights, load_handler, pixels, unpack
 
 REQUEST = {"prompt": "a handwritten 3", "steps": 4, "width": 128, "height": 128, "seed": 7}
 TILED_MEAN_BOUND = 8.0  # /255, at 768 px, the demo VAE: docs/targets.md ("VAE tiles") states it
@@ -41,15 +37,13 @@ def reference() -> np.ndarray:
 
 @pytest.mark.parametrize("target", targets("sd15"))
 def test_every_target_draws_the_diffusers_image(target, reference, tmp_path, one_torch_thread):
-    cfg = yaml.safe_load(config_path("sd15", target).read_text())
-    cfg["handler"]["dtype_cpu"] = "float32"  # the gpu config too: float32 on this CPU
-    (tmp_path / "weights").symlink_to(demo_weights("sd15").resolve())
-    (tmp_path / f"{target}.yaml").write_text(yaml.safe_dump(cfg))
+    # the gpu config too: float32 on this CPU
+    unpack(tmp_path, "sd15", demo_weights("sd15"), target, handler_overrides={"dtype_cpu": "float32"})
     handler, ctx = load_handler(Sd15Handler, "sd15", tmp_path, target)
     torch.set_num_threads(1)
     (out,) = run_batch(handler, ctx, [{"body": REQUEST}])
     assert ctx.status(0) == 200
-    served = np.asarray(Image.open(io.BytesIO(base64.b64decode(json.loads(out)["images"][0]))), dtype=int)
+    served = pixels(json.loads(out)["images"][0])
     assert np.abs(served - reference).max() <= 1
 
 

@@ -2,7 +2,6 @@
 one set of components, prompt truncation, the time budget, bad input."""
 from __future__ import annotations
 
-import base64
 import io
 import json
 
@@ -15,22 +14,12 @@ from handlers.core.budget import StepClock
 from handlers.core.errors import RequestError
 from harness.bad_inputs import b64, sd15_cases
 from harness.context import run_batch
-from harness.inprocess import png_bytes
+from harness.inprocess import gradient_png, pixels, png_bytes
 
 BASE = {"prompt": "a lighthouse at dusk", "steps": 3, "width": 64, "height": 64}
 
 
 pytestmark = pytest.mark.usefixtures("sd15_handler", "one_torch_thread")  # handler first: it sets 2 threads
-
-
-def pixels(b64_png: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64_png))), dtype=int)
-
-
-def gradient_png(size=64) -> bytes:
-    x = np.linspace(0, 255, size, dtype=np.uint8)
-    rgb = np.stack([np.tile(x, (size, 1)), np.tile(x[:, None], (1, size)), np.full((size, size), 128, np.uint8)], -1)
-    return png_bytes(Image.fromarray(rgb))
 
 
 def centre_mask(size=64) -> np.ndarray:

@@ -10,7 +10,6 @@ TorchServe's worker drives it (harness/continuous.py). No speed is asserted.
 from __future__ import annotations
 
 import base64
-import io
 import json
 
 import numpy as np
@@ -22,14 +21,18 @@ from PIL import Image
 
 import handlers.adapter.torchserve as adapter
 from deploy.targets import config_path, models, targets
+from handlers.cam.handler import CamHandler
 from handlers.core.model import configured_dtype
+from handlers.ddpm.handler import DdpmHandler
+from handlers.sd15.handler import Sd15Handler
 from harness.context import run_batch
 from harness.continuous import ContinuousWorker
-from harness.inprocess import demo_weights, load_handler, png_bytes
+from harness.inprocess import demo_weights, gradient_png, load_handler, pixels, png_bytes, unpack
 from tests.support import cam_contract
 from weights import digits
 
 WEIGHTS = {"cam": "cam", "ddpm": "ddpm", "sd15": "sd15-smoke"}
+HANDLERS = {"cam": CamHandler, "ddpm": DdpmHandler, "sd15": Sd15Handler}
 CASES = [(m, t) for m in models() for t in targets(m)]
 STEPPED = [c for c in CASES if c[0] != "cam"]  # cam answers in one message: nothing to stream
 SD15 = [c for c in CASES if c[0] == "sd15"]
@@ -51,17 +54,11 @@ def loaded(request, tmp_path_factory):
     """(model, target, handler, ctx): the handler on the CPU with the target's yaml, `dtype_cpu`
     set to the dtype the target runs."""
     model, target = request.param
-    cfg = yaml.safe_load(config_path(model, target).read_text())
-    cfg.setdefault("handler", {})["dtype_cpu"] = str(target_dtype(model, target)).removeprefix("torch.")
-    model_dir = tmp_path_factory.mktemp(f"{model}-{target}")
-    (model_dir / "weights").symlink_to(demo_weights(WEIGHTS[model]).resolve())
-    (model_dir / f"{target}.yaml").write_text(yaml.safe_dump(cfg))
-    handler_cls = {"cam": "handlers.cam.handler:CamHandler", "ddpm": "handlers.ddpm.handler:DdpmHandler",
-                   "sd15": "handlers.sd15.handler:Sd15Handler"}[model]
-    module, name = handler_cls.split(":")
-    cls = getattr(__import__(module, fromlist=[name]), name)
+    dtype = str(target_dtype(model, target)).removeprefix("torch.")
+    model_dir = unpack(tmp_path_factory.mktemp(f"{model}-{target}"), model, demo_weights(WEIGHTS[model]), target,
+                       handler_overrides={"dtype_cpu": dtype})
     threads = torch.get_num_threads()
-    handler, ctx = load_handler(cls, model, model_dir, target)
+    handler, ctx = load_handler(HANDLERS[model], model, model_dir, target)
     torch.set_num_threads(1)  # the configs' thread counts are for real models; these are tiny
     if handler.step_loop is not None:
         handler.model.step_slice_s = 0.0  # one step per call, whatever the machine's speed
@@ -82,20 +79,10 @@ def modules_of(served) -> list[tuple[str, torch.nn.Module]]:
     return found
 
 
-def pixels(b64_png: str) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64_png))), dtype=int)
-
-
 def assert_real_image(b64_png: str) -> np.ndarray:
     px = pixels(b64_png)
     assert px.std() > 0, "a constant image (NaN or overflow upstream)"
     return px
-
-
-def gradient_png(size=64) -> bytes:
-    x = np.linspace(0, 255, size, dtype=np.uint8)
-    rgb = np.stack([np.tile(x, (size, 1)), np.tile(x[:, None], (1, size)), np.full((size, size), 128, np.uint8)], -1)
-    return png_bytes(Image.fromarray(rgb))
 
 
 def ask(handler, ctx, bodies: list) -> list[dict]:
