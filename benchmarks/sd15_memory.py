@@ -15,7 +15,7 @@ import resource
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from handlers.sd15.model import enable_vae_tiles
+from handlers.sd15.model import set_vae_tiles
 
 
 def sd15_vae() -> AutoencoderKL:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     loaded = peak_gib()
     print(f"UNet + VAE built: peak {loaded:.2f} GiB", flush=True)
     unet.set_attention_slice("auto")
-    enable_vae_tiles(vae, 512, 8)  # as arm64.yaml's vae_tile_size
+    set_vae_tiles(vae, 512)  # as arm64.yaml's vae_tile_size
     latent = args.size // 8
     with torch.no_grad():
         unet(torch.randn(args.batch, 4, latent, latent), 10, encoder_hidden_states=torch.randn(args.batch, 77, 768))

@@ -25,25 +25,18 @@ from diffusers import AutoencoderKL
 
 from benchmarks import RESULTS
 from benchmarks.sd15_memory import sd15_vae
-from handlers.sd15.model import enable_vae_tiles
+from handlers.sd15.model import set_vae_tiles
 
 TILE = 512
 SIDES = (512, 768, 1024)
 DIFF_SIDES = (576, 768, 1024)
 
 
-def tiles(vae: AutoencoderKL, tile: int | None) -> None:
-    if tile is None:
-        vae.disable_tiling()
-    else:
-        enable_vae_tiles(vae, tile, 8)
-
-
 def one_decode(side: int, tile: int | None) -> dict:
     """Runs in its own process: the peak RSS added by one decode and its seconds."""
     torch.manual_seed(0)
     vae = sd15_vae()
-    tiles(vae, tile)
+    set_vae_tiles(vae, tile)
     z = torch.randn(1, 4, side // 8, side // 8)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
@@ -61,7 +54,7 @@ def differences(weights: Path) -> list[dict]:
         z = torch.randn(1, 4, side // 8, side // 8, generator=torch.Generator().manual_seed(side))
         images = []
         for tile in (None, TILE):
-            tiles(vae, tile)
+            set_vae_tiles(vae, tile)
             with torch.inference_mode():
                 x = vae.decode(z / vae.config.scaling_factor).sample
             images.append(((x / 2 + 0.5).clamp(0, 1) * 255).round())

@@ -55,9 +55,7 @@ class Sd15Model(ServedModel):
         base.register_to_config(requires_safety_checker=False)
         if self.config.get("attention_slicing"):
             base.enable_attention_slicing()
-        tile = self.config.get("vae_tile_size")
-        if tile:
-            enable_vae_tiles(base.vae, int(tile), base.vae_scale_factor)
+        set_vae_tiles(base.vae, self.config.get("vae_tile_size"))
         if self.config.get("compile"):
             base.unet = torch.compile(base.unet)
         # from_pipe casts the modules it shares to its own dtype argument, float32 when left out.
@@ -194,12 +192,16 @@ class Sd15Model(ServedModel):
 
 
 
-def enable_vae_tiles(vae, tile: int, scale_factor: int) -> None:
-    """Images with a side above `tile` px are decoded (and img2img's inputs encoded) in tiles of
-    `tile` px overlapping by a quarter, so the VAE's peak memory is that of a tile; smaller images
-    are untouched. diffusers' AutoencoderKL takes its tile size from the weights' `sample_size`
-    and has no argument for it, hence the attributes; a tile under SD1.5's 512 px shows seams
-    (docs/targets.md, "VAE tiles")."""
+def set_vae_tiles(vae, tile: int | None) -> None:
+    """`tile` px: images with a side above it are decoded (and img2img's inputs encoded) in tiles
+    of `tile` px overlapping by a quarter, so the VAE's peak memory is that of a tile; smaller
+    images are untouched. None: whole images. diffusers' AutoencoderKL takes its tile size from
+    the weights' `sample_size` and has no argument for it, hence the attributes; a tile under
+    SD1.5's 512 px shows seams (docs/targets.md, "VAE tiles")."""
+    if tile is None:
+        vae.disable_tiling()
+        return
+    scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)  # as the pipelines compute it
     if tile < 512 or tile % scale_factor:
         raise ValueError(f"sd15: vae_tile_size {tile} must be >= 512 and a multiple of {scale_factor} (or null)")
     vae.enable_tiling()

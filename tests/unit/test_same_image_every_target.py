@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from deploy.targets import targets
 from handlers.sd15.handler import Sd15Handler
-from handlers.sd15.model import enable_vae_tiles
+from handlers.sd15.model import set_vae_tiles
 from harness.context import run_batch
 from harness.inprocess import demo_weights, load_handler, pixels, unpack
 
@@ -54,10 +54,7 @@ def demo_vae() -> AutoencoderKL:
 
 def decode(vae, side: int, tile: int | None) -> torch.Tensor:
     z = torch.randn(1, 4, side // 8, side // 8, generator=torch.Generator().manual_seed(side))
-    if tile:
-        enable_vae_tiles(vae, tile, 8)
-    else:
-        vae.disable_tiling()
+    set_vae_tiles(vae, tile)
     with torch.inference_mode():
         x = vae.decode(z / vae.config.scaling_factor).sample
     return ((x / 2 + 0.5).clamp(0, 1) * 255).round()
@@ -77,4 +74,4 @@ def test_tiles_above_the_tile_size_stay_within_the_stated_bound(demo_vae, one_to
 @pytest.mark.parametrize("tile", [64, 500])
 def test_a_tile_under_512_or_off_the_latent_grid_is_refused(demo_vae, tile):
     with pytest.raises(ValueError, match="vae_tile_size"):
-        enable_vae_tiles(demo_vae, tile, 8)
+        set_vae_tiles(demo_vae, tile)
