@@ -1,8 +1,15 @@
-"""cam benchmark: CAM cost over classification alone, served vs. in-process throughput, latency.
+"""cam benchmark: CAM cost over classification alone, int8 over float32, served vs. in-process
+throughput, where a request's time goes, latency. The cpu config's precision (int8) is `cam`;
+`cam_fp32` is the same archive built with `quantize: null` (MODEL_CONFIGS), served beside it.
 
 - cam_cost_ratio: time of (classification + fast CAM) / time of classification alone, same batch
-  of preprocessed tensors, in-process. gradcam_library_cost_ratio: the same for
-  pytorch-grad-cam's GradCAM (backward pass), for comparison.
+  of preprocessed tensors, in-process, in the config's precision. gradcam_library_cost_ratio: the
+  same for pytorch-grad-cam's GradCAM (backward pass, float32), for comparison.
+- int8_over_fp32_forward_cam: float32's forward + CAM time / int8's, batch 8, in-process.
+- served_int8_over_fp32: images/s of cam / cam_fp32, both served at concurrency 16, rounds
+  alternating.
+- stages_ms: one batch of 8 PNG requests through the handler's stages, per precision: decode
+  (parse), preprocess (crop, tensor), forward + CAM, map upsampling, answer (overlay PNG, JSON).
 - served_over_raw: throughput of a real TorchServe at concurrency 16 (archive's batch size) /
   throughput of the handler's own handle() in-process on batches of that size, given the CPU
   threads of all served workers together (the same CPU budget).
@@ -10,7 +17,9 @@
 """
 from __future__ import annotations
 
+import os
 import statistics
+import subprocess
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -22,6 +31,8 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from benchmarks.measure import interleaved, latency_ms, load
 from handlers.cam.handler import CamHandler
+from handlers.cam.model import upsample_maps
+from handlers.core.batch import Group, Pending
 from harness import REPO
 from harness.context import run_batch
 from harness.inprocess import load_handler, png_bytes, unpack
@@ -32,11 +43,49 @@ CONCURRENCY = 16
 ROUNDS = 3
 
 
+def store_with_fp32(config: dict) -> Path:
+    """A model store holding model_store/cam.mar and cam_fp32.mar: archive.sh with the cpu config,
+    `quantize: null`."""
+    root = Path(tempfile.mkdtemp(prefix="cam-fp32-"))
+    (root / "configs" / "cam").mkdir(parents=True)
+    (root / "configs" / "cam" / "cpu.yaml").write_text(yaml.safe_dump(
+        {**config, "handler": {**config["handler"], "quantize": None}}))
+    subprocess.run([str(REPO / "archive.sh"), "--name", "cam_fp32", "--store", str(root / "store"), "cam"],
+                   env={**os.environ, "MODEL_CONFIGS": str(root / "configs")}, check=True, capture_output=True)
+    (root / "store" / "cam.mar").symlink_to(REPO / "model_store" / "cam.mar")
+    return root / "store"
+
+
+def stages_ms(model, pngs: list[bytes]) -> dict:
+    """Median ms of each stage of one batch of PNG requests (the order run_group and respond use)."""
+    def parse():
+        return [Pending(i, model.parse(p)) for i, p in enumerate(pngs)]
+
+    pendings = parse()
+    group = Group(shared=pendings[0].params.shared(), requests=pendings)
+    shown = [model.crop(img.convert("RGB")) for img in group.per_image("decoded")]
+    batch = torch.stack([model.to_tensor(img) for img in shown])
+    probs, chosen, maps = model.fast_cam(batch, group.per_image("target"))
+    full = upsample_maps(maps, tuple(batch.shape[-2:])).numpy()
+    results = [(shown[i], probs[i], int(chosen[i]), maps[i], full[i]) for i in range(len(pngs))]
+    t = interleaved({
+        "decode": parse,
+        "preprocess": lambda: torch.stack([model.to_tensor(model.crop(img.convert("RGB")))
+                                           for img in group.per_image("decoded")]),
+        "forward_cam": lambda: model.fast_cam(batch, group.per_image("target")),
+        "upsample": lambda: upsample_maps(maps, tuple(batch.shape[-2:])).numpy(),
+        "answer": lambda: [model.respond(p, [r]) for p, r in zip(pendings, results)],
+    }, repeats=9)
+    return {k: round(v * 1000, 2) for k, v in t.items()}
+
+
 def run() -> dict:
     config = yaml.safe_load((REPO / "model_configs/cam/cpu.yaml").read_text())
     batch_size = config["batchSize"]
     handler, ctx = load_handler(CamHandler, "cam", unpack(Path(tempfile.mkdtemp()) / "cam", "cam",
                                                           REPO / "weights/demo/cam"))
+    fp32, _ = load_handler(CamHandler, "cam", unpack(Path(tempfile.mkdtemp()) / "cam", "cam", REPO / "weights/demo/cam",
+                                                     handler_overrides={"quantize": None}))
     # In-process gets the CPU threads all served workers have together: same CPU budget.
     cpu_threads = config["maxWorkers"] * config["handler"]["threads"]
     torch.set_num_threads(cpu_threads)
@@ -50,46 +99,59 @@ def run() -> dict:
     t = interleaved({
         "classify": lambda: handler.model.classify(batch),
         "fast_cam": lambda: handler.model.fast_cam(batch, targets),
+        "fast_cam_fp32": lambda: fp32.model.fast_cam(batch, targets),
         "gradcam_library": lambda: gradcam(input_tensor=batch, targets=gc_targets),
     }, repeats=15)
+    stages = {handler.model.precision: stages_ms(handler.model, pngs), "float32": stages_ms(fp32.model, pngs)}
     rows = [{"body": p} for p in pngs]
 
-    with TorchServeInstance(archives=["cam.mar"]) as ts:
+    with TorchServeInstance(archives=["cam.mar", "cam_fp32.mar"], source_store=store_with_fp32(config)) as ts:
         client = ts.client
         batch_sizes: Counter = Counter()
 
-        def call(i: int):
-            resp = client.predict_raw("cam", pngs[i % len(pngs)])
-            assert resp.status_code == 200, resp.text
-            batch_sizes[int(resp.headers["X-Batch-Size"])] += 1
+        def caller(model: str, count: bool = False):
+            def call(i: int):
+                resp = client.predict_raw(model, pngs[i % len(pngs)])
+                assert resp.status_code == 200, resp.text
+                if count:
+                    batch_sizes[int(resp.headers["X-Batch-Size"])] += 1
+            return call
 
-        load(call, 2 * CONCURRENCY, CONCURRENCY)  # warm-up
-        batch_sizes.clear()
-        # Alternate in-process and served rounds so both see the same machine load.
-        raw, served = [], []
+        for model in ("cam", "cam_fp32"):
+            load(caller(model), 2 * CONCURRENCY, CONCURRENCY)  # warm-up
+        # Alternate in-process and served rounds so all see the same machine load.
+        raw, served, served_fp32 = [], [], []
         for _ in range(ROUNDS):
             raw.append(batch_size / interleaved({"handle": lambda: run_batch(handler, ctx, rows)},
                                                 repeats=6, warmup=1)["handle"])
-            served.append(load(call, 6 * CONCURRENCY, CONCURRENCY))
+            served.append(load(caller("cam", count=True), 6 * CONCURRENCY, CONCURRENCY))
+            served_fp32.append(load(caller("cam_fp32"), 6 * CONCURRENCY, CONCURRENCY))
         raw_ips, served_ips = statistics.median(raw), statistics.median(served)
         served_batches = dict(sorted(batch_sizes.items()))
-        lat = latency_ms(lambda: call(0), 40)
+        lat = latency_ms(lambda: caller("cam")(0), 40)
 
     return {
         "batch_size": batch_size,
+        "precision": handler.model.precision,
         "served_workers": config["maxWorkers"],
         "in_process_threads": cpu_threads,
         "cam_cost_ratio": round(t["fast_cam"] / t["classify"], 3),
         "gradcam_library_cost_ratio": round(t["gradcam_library"] / t["classify"], 3),
         "classify_batch_ms": round(t["classify"] * 1000, 1),
+        "int8_over_fp32_forward_cam": round(t["fast_cam_fp32"] / t["fast_cam"], 2),
+        "stages_ms": stages,
         "in_process_images_per_s": round(raw_ips, 1),
         "served_images_per_s_c16": round(served_ips, 1),
+        "served_fp32_images_per_s_c16": round(statistics.median(served_fp32), 1),
+        "served_int8_over_fp32": round(served_ips / statistics.median(served_fp32), 2),
         "served_over_raw": round(served_ips / raw_ips, 3),
         "served_requests_by_batch_size": served_batches,
         "latency_c1": lat,
-        "goals": {"cam_cost_ratio": "<= 1.15", "served_over_raw": ">= 0.8"},
+        "goals": {"cam_cost_ratio": "<= 1.05", "served_over_raw": ">= 0.9",
+                  "int8_over_fp32_forward_cam": ">= 3", "served_int8_over_fp32": ">= 2"},
         "notes": ["in-process throughput = handler.handle() on a batch of PNG requests "
                   "(decode, preprocess, forward+CAM, overlay PNG, JSON), same batch size as served, "
                   "with as many torch threads as the served workers have together",
-                  "in-process and served rounds alternate (median of 3 each) so both see the same load"],
+                  "in-process and served rounds alternate (median of 3 each) so all see the same load",
+                  "cam_fp32: the same archive with quantize: null, served by the same TorchServe"],
     }

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from handlers.cam import classifier as cam_model
 from handlers.cam.classifier import CONFIG_NAME, WEIGHTS_NAME
-from weights.build_cam_demo import set_determinism, write_cam_dir
+from weights.build_cam_demo import CALIBRATION_COUNT, set_determinism, write_cam_dir
 from weights.image_folder import ImageFolderError, read_image_folder
 
 DEFAULT_BASE = "weights/demo/cam"
@@ -184,7 +184,8 @@ def finetune(data_dir: Path, base: Path, out: Path, epochs: int = 3, val_fractio
     new_cfg = {**cfg, "num_classes": len(data.classes), "labels": list(data.classes), "profile": "finetuned",
                "source": f"fine-tuned by lab/finetune_cam.py from {base} ({cfg.get('profile', '?')} "
                          f"profile) on {data.root}", "metrics": metrics}
-    write_cam_dir(out, model.to(memory_format=torch.contiguous_format).state_dict(), new_cfg)
+    calibration = [data.loader(data.samples[i][0]) for i in train_idx[:CALIBRATION_COUNT]]  # its own domain
+    write_cam_dir(out, model.to(memory_format=torch.contiguous_format).state_dict(), new_cfg, calibration)
     return metrics
 
 

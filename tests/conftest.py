@@ -14,7 +14,9 @@ from harness.inprocess import demo_weights, load_handler, unpack
 def cam_handler(tmp_path_factory):
     from handlers.cam.handler import CamHandler
 
-    model_dir = unpack(tmp_path_factory.mktemp("cam"), "cam", demo_weights("cam"))
+    # float32, the precision the others are judged against (tests/unit/test_cam_precisions.py);
+    # the cpu config's int8 runs in the precision and target-matrix tests.
+    model_dir = unpack(tmp_path_factory.mktemp("cam"), "cam", demo_weights("cam"), handler_overrides={"quantize": None})
     return load_handler(CamHandler, "cam", model_dir)
 
 

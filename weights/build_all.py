@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from handlers.cam import classifier as cam_model
+from handlers.cam.quantize import CALIBRATION_DIR
 
 ROOT = Path(__file__).resolve().parent
 HUB_REPOS = {"ddpm": "google/ddpm-cifar10-32", "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
@@ -59,6 +60,15 @@ def prepare_pretrained(model: str, out: Path) -> None:
     DiffusionPipeline.from_pretrained(HUB_REPOS[model]).save_pretrained(out)
 
 
+def add_calibration(out: Path, profile: str) -> None:
+    """The int8 calibration set of the profile, into a cam weights directory that lacks one."""
+    from weights import build_cam_demo, prepare_cam_pretrained
+
+    images = build_cam_demo.digit_calibration() if profile == "demo" else prepare_cam_pretrained.calibration_images(None)
+    build_cam_demo.write_calibration(out, images)
+    print(f"weights: added {len(images)} int8 calibration images to {out}")
+
+
 def is_current(model: str, out: Path) -> bool:
     """The directory exists in the layout today's handler reads (a cam config written before a
     key became required is rebuilt)."""
@@ -84,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         out = ROOT / args.profile / model
         if is_current(model, out):
             print(f"weights: {out} present")
+            if model == "cam" and not (out / CALIBRATION_DIR).is_dir():  # written before int8 cam existed
+                add_calibration(out, args.profile)
             continue
         if args.profile == "demo":
             build_demo(model, out)

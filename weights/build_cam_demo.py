@@ -6,6 +6,7 @@ trained on the train part of ``weights.digits.split_indices(seed=0)``, upscaled 
 
     <out>/model.safetensors   state_dict of torchvision.models.get_model(arch, num_classes=N)
     <out>/cam_config.json     arch, labels, preprocessing, target layer, metrics ...
+    <out>/calibration/*.png   the int8 calibration set: the first 64 training digits
 
 which is the layout the `cam` handler reads (``prepare_cam_pretrained.py`` writes the same one).
 
@@ -28,10 +29,12 @@ if not __package__:  # run as a file path (python weights/build_cam_demo.py): ma
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
 
 from handlers.cam import classifier as cam_model
+from handlers.cam.quantize import CALIBRATION_DIR
 from weights import digits
 from weights.atomic import atomic_dir
 
@@ -41,19 +44,39 @@ DEFAULT_OUT = "weights/demo/cam"
 DEFAULT_EPOCHS = 5
 DEFAULT_INPUT_SIZE = 128
 BATCH_SIZE = 32
+CALIBRATION_COUNT = 64  # int8 calibration images a weights directory carries (handlers/cam/quantize.py)
 
 
 # --------------------------------------------------------------------------- shared output helpers
 
 
-def write_cam_dir(out: str | os.PathLike, state_dict: dict[str, torch.Tensor], config: dict) -> Path:
-    """Write model.safetensors + cam_config.json to `out`, replacing it atomically (weights.atomic)."""
+def write_cam_dir(out: str | os.PathLike, state_dict: dict[str, torch.Tensor], config: dict,
+                  calibration: list[Image.Image]) -> Path:
+    """Write model.safetensors, cam_config.json and the int8 calibration set to `out`, replacing
+    it atomically (weights.atomic)."""
     with atomic_dir(out) as tmp:
         # safetensors refuses non-contiguous (e.g. channels_last) tensors.
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         save_file(tensors, str(tmp / cam_model.WEIGHTS_NAME), metadata={"format": "pt", "arch": config["arch"]})
         (tmp / cam_model.CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        write_calibration(tmp, calibration)
     return Path(out)
+
+
+def write_calibration(wdir: str | os.PathLike, images: list[Image.Image]) -> None:
+    """`images` as wdir/calibration/NNNN.png: what `quantize: int8` calibrates on at load."""
+    folder = Path(wdir) / CALIBRATION_DIR
+    folder.mkdir(exist_ok=True)
+    for i, img in enumerate(images):
+        img.save(folder / f"{i:04d}.png")
+
+
+def digit_calibration(count: int = CALIBRATION_COUNT) -> list[Image.Image]:
+    """The first `count` training digits at 64 px, as clients send them; never the held-out digits
+    that judge the int8 contract."""
+    images, _ = digits.load_arrays()
+    train, _ = digits.split_indices()
+    return [digits.to_pil(images[i], 64) for i in train[:count]]
 
 
 def feature_map_size(model: torch.nn.Module, input_size: int, layer: str = TARGET_LAYER) -> list[int]:
@@ -257,7 +280,7 @@ def main(argv=None) -> int:
     finally:
         torch.set_num_threads(saved[0])
         torch.use_deterministic_algorithms(saved[1])
-    out = write_cam_dir(args.out, model.state_dict(), config)
+    out = write_cam_dir(args.out, model.state_dict(), config, digit_calibration())
     total = time.perf_counter() - t0
     h, w = metrics["cam_map_size"]
     print(f"held-out accuracy: {metrics['heldout_accuracy']:.4f} ({metrics['heldout_count']} digits)")

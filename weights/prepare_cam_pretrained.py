@@ -7,9 +7,10 @@ holding it), else the ``CAM_WEIGHTS_FILE`` environment variable, else the torch 
 validated by a strict load into ``resnet50(num_classes=1000)`` and written atomically, in the same
 layout as the demo weights (see ``build_cam_demo.py``):
 
-    <out>/model.safetensors   <out>/cam_config.json
+    <out>/model.safetensors   <out>/cam_config.json   <out>/calibration/*.png (int8 calibration)
 
     python -m weights.prepare_cam_pretrained [--out weights/pretrained/cam] [--weights-file PATH]
+                                             [--calibration DIR]
 """
 from __future__ import annotations
 
@@ -22,10 +23,12 @@ from pathlib import Path
 if not __package__:  # run as a file path: make `weights` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np
 import torch
 import torchvision
+from PIL import Image
 
-from weights.build_cam_demo import write_cam_dir
+from weights.build_cam_demo import CALIBRATION_COUNT, write_cam_dir
 
 ARCH = "resnet50"
 DEFAULT_OUT = "weights/pretrained/cam"
@@ -117,12 +120,40 @@ def build_config(path: Path, digest: str) -> dict:
     }
 
 
+def calibration_images(folder: str | os.PathLike | None, count: int = CALIBRATION_COUNT) -> list[Image.Image]:
+    """The int8 calibration set: the first `count` images (sorted by path, RGB) of `folder`, which
+    should hold pictures of the kind the model will serve; without a folder, crops of the two
+    photographs scikit-learn bundles (`sklearn.datasets.load_sample_images`: a temple and a
+    flower), at three scales and mirrored: offline, but far from ImageNet's variety."""
+    if folder is not None:
+        exts = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+        paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in exts)[:count]
+        if not paths:
+            raise WeightsError(f"--calibration {folder}: no PNG/JPEG/WebP/BMP images found")
+        return [Image.open(p).convert("RGB") for p in paths]
+    from sklearn.datasets import load_sample_images
+
+    crops = []
+    for photo in load_sample_images().images:  # (427, 640, 3) uint8 each
+        img = Image.fromarray(photo)
+        for scale in (1.0, 0.7, 0.5):
+            side = int(min(img.size) * scale)
+            for left in np.linspace(0, img.width - side, 4).astype(int):
+                for top in np.linspace(0, img.height - side, 3).astype(int):
+                    crop = img.crop((left, top, left + side, top + side))
+                    crops += [crop, crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    return crops[:: max(1, len(crops) // count)][:count]  # 144 crops: every other one
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default=DEFAULT_OUT, help="output directory (replaced atomically)")
     p.add_argument("--weights-file", default=None, metavar="PATH",
                    help=f"{FILENAME} or a directory holding it (default: ${ENV_VAR}, else the torch hub cache)")
+    p.add_argument("--calibration", default=None, metavar="DIR",
+                   help=f"int8 calibration images: the first {CALIBRATION_COUNT} pictures of DIR, of the kind the "
+                        "model will serve (default: crops of scikit-learn's two sample photographs)")
     return p.parse_args(argv)
 
 
@@ -131,6 +162,7 @@ def main(argv=None) -> int:
     try:
         path = find_weights(args.weights_file)
         model = load_validated(path)
+        calibration = calibration_images(args.calibration)
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -139,7 +171,7 @@ def main(argv=None) -> int:
     if not digest.startswith(EXPECTED_SHA256_PREFIX):
         print(f"warning: {path} loads as a ResNet-50 but its sha256 does not start with "
               f"{EXPECTED_SHA256_PREFIX}; it is not the published IMAGENET1K_V2 file", file=sys.stderr)
-    out = write_cam_dir(args.out, model.state_dict(), config)
+    out = write_cam_dir(args.out, model.state_dict(), config, calibration)
     print(f"wrote {out} from {path} ({config['num_classes']} ImageNet classes, "
           f"resize {config['resize']}, crop {config['input_size']})")
     return 0

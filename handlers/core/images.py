@@ -162,14 +162,15 @@ def _flatten(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     return Image.alpha_composite(Image.new("RGBA", img.size, (*background, 255)), rgba).convert("RGB")
 
 
-def encode_png(img: Image.Image) -> bytes:
+def encode_png(img: Image.Image, compress_level: int = 6) -> bytes:
+    """`compress_level`: zlib's 0-9; 6 is PIL's default."""
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    img.save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
 
 
-def b64_png(img: Image.Image) -> str:
-    return base64.b64encode(encode_png(img)).decode("ascii")
+def b64_png(img: Image.Image, compress_level: int = 6) -> str:
+    return base64.b64encode(encode_png(img, compress_level)).decode("ascii")
 
 
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:

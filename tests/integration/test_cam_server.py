@@ -125,4 +125,5 @@ def test_describe_returns_the_request_schema(server):
     assert meta["model"] == "cam" and meta["version"] == "1.0" and meta["profile"] == "demo"
     assert meta["request_schema"]["properties"]["topk"]["maximum"] == 10
     assert "gradcam" in meta["methods"]
+    assert meta["precision"] == "int8 (x86)"  # the cpu config's; a worker that stayed float says float32
 

@@ -23,6 +23,19 @@ from handlers.cam.model import OVERLAY_IMAGE_WEIGHT
 
 ATOL = 1e-4
 
+# What a precision other than float32 promises against float32's answer for the same image, on
+# every held-out digit (tests/unit/test_cam_precisions.py; docs/targets.md, "cam precisions"): the
+# same top-1, probabilities within `probability`, every coarse map correlated >= 0.98 with float32's
+# and within 0.05 (maps are normalised to [0, 1]); and a batch within `batch` of each image alone.
+# `config`: the handler settings that select it (on this x86 CPU).
+MAP_CORRELATION_MIN = 0.98
+MAP_MAX_ABS = 0.05
+PRECISIONS = {
+    "int8": {"config": {"quantize": "int8", "quantized_engine": "x86"}, "probability": 0.05, "batch": 0.0},
+    "bfloat16": {"config": {"dtype_cpu": "bfloat16", "quantize": None}, "probability": 0.02, "batch": ATOL},
+    "float16": {"config": {"dtype_cpu": "float16", "quantize": None}, "probability": 0.005, "batch": ATOL},
+}
+
 
 def overlay_levels() -> int:
     jet = cv2.applyColorMap(np.arange(256, dtype=np.uint8)[:, None], cv2.COLORMAP_JET).astype(int)
