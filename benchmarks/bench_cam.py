@@ -14,6 +14,9 @@ throughput, where a request's time goes, latency. The cpu config's precision (in
   throughput of the handler's own handle() in-process on batches of that size, given the CPU
   threads of all served workers together (the same CPU budget).
 - latency at concurrency 1 through the server.
+- watch_fps: frames/s of a live stream through clients.watch's own reader and sender (48 held-out
+  digits at 64 px as an animated GIF, JSON requests with the overlay as `python -m clients.watch`
+  sends them), per precision (cam, cam_fp32) at 1 and 4 frames in flight; median of the rounds.
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ import yaml
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from benchmarks.measure import interleaved, latency_ms, load
+from benchmarks.measure import KeepAlivePoster, interleaved, latency_ms, load
+from clients.watch import Frame, read_frames, send_frames
 from handlers.cam.handler import CamHandler
 from handlers.cam.model import upsample_maps
 from handlers.core.batch import Group, Pending
@@ -41,6 +45,10 @@ from weights import digits
 
 CONCURRENCY = 16
 ROUNDS = 3
+SERVED_REQUESTS = 24 * CONCURRENCY  # per served round
+WATCH_FRAMES = 48
+WATCH_IN_FLIGHT = (1, 4)
+WATCH_PARAMS = {"topk": 1, "method": "gradcam"}  # what `python -m clients.watch` sends by default
 
 
 def store_with_fp32(config: dict) -> Path:
@@ -79,6 +87,34 @@ def stages_ms(model, pngs: list[bytes]) -> dict:
     return {k: round(v * 1000, 2) for k, v in t.items()}
 
 
+def watch_frames(folder: Path) -> list[Frame]:
+    """WATCH_FRAMES held-out digits at 64 px written as an animated GIF, read back frame by frame by
+    clients.watch's reader (as `python -m clients.watch digits.gif` would)."""
+    images, _ = digits.load_arrays()
+    _, test = digits.split_indices()
+    pils = [digits.to_pil(images[i], 64) for i in test[:WATCH_FRAMES]]
+    gif = folder / "digits.gif"
+    pils[0].save(gif, save_all=True, append_images=pils[1:], duration=40, loop=0)
+    frames = read_frames(gif)
+    assert len(frames) == WATCH_FRAMES, len(frames)  # a GIF merges identical consecutive frames
+    return frames
+
+
+def watch_fps(client, frames: list[Frame]) -> dict:
+    """Median frames/s of each model at each WATCH_IN_FLIGHT, rounds alternating all of them."""
+    models = {"int8": "cam", "fp32": "cam_fp32"}
+    rates: dict = {p: {n: [] for n in WATCH_IN_FLIGHT} for p in models}
+    for model in models.values():  # warm-up of the JSON + overlay path
+        send_frames(client, model, frames[:8], max(WATCH_IN_FLIGHT), params=WATCH_PARAMS)
+    for _ in range(ROUNDS):
+        for precision, model in models.items():
+            for in_flight in WATCH_IN_FLIGHT:
+                answers, elapsed = send_frames(client, model, frames, in_flight, params=WATCH_PARAMS)
+                assert all(isinstance(a, dict) for a in answers), [str(a) for a in answers if not isinstance(a, dict)]
+                rates[precision][in_flight].append(len(frames) / elapsed)
+    return {p: {str(n): round(statistics.median(r), 1) for n, r in by_n.items()} for p, by_n in rates.items()}
+
+
 def run() -> dict:
     config = yaml.safe_load((REPO / "model_configs/cam/cpu.yaml").read_text())
     batch_size = config["batchSize"]
@@ -107,14 +143,15 @@ def run() -> dict:
 
     with TorchServeInstance(archives=["cam.mar", "cam_fp32.mar"], source_store=store_with_fp32(config)) as ts:
         client = ts.client
+        poster = KeepAlivePoster(ts.url("inference"), client.keys.inference)
         batch_sizes: Counter = Counter()
 
         def caller(model: str, count: bool = False):
             def call(i: int):
-                resp = client.predict_raw(model, pngs[i % len(pngs)])
-                assert resp.status_code == 200, resp.text
+                status, headers, body = poster.post(f"/predictions/{model}", pngs[i % len(pngs)])
+                assert status == 200, body
                 if count:
-                    batch_sizes[int(resp.headers["X-Batch-Size"])] += 1
+                    batch_sizes[int(headers["X-Batch-Size"])] += 1
             return call
 
         for model in ("cam", "cam_fp32"):
@@ -123,12 +160,14 @@ def run() -> dict:
         raw, served, served_fp32 = [], [], []
         for _ in range(ROUNDS):
             raw.append(batch_size / interleaved({"handle": lambda: run_batch(handler, ctx, rows)},
-                                                repeats=6, warmup=1)["handle"])
-            served.append(load(caller("cam", count=True), 6 * CONCURRENCY, CONCURRENCY))
-            served_fp32.append(load(caller("cam_fp32"), 6 * CONCURRENCY, CONCURRENCY))
+                                                repeats=24, warmup=1)["handle"])
+            served.append(load(caller("cam", count=True), SERVED_REQUESTS, CONCURRENCY))
+            served_fp32.append(load(caller("cam_fp32"), SERVED_REQUESTS, CONCURRENCY))
         raw_ips, served_ips = statistics.median(raw), statistics.median(served)
         served_batches = dict(sorted(batch_sizes.items()))
         lat = latency_ms(lambda: caller("cam")(0), 40)
+        with tempfile.TemporaryDirectory(prefix="cam-watch-") as tmp:
+            watch = watch_fps(client, watch_frames(Path(tmp)))
 
     return {
         "batch_size": batch_size,
@@ -147,11 +186,17 @@ def run() -> dict:
         "served_over_raw": round(served_ips / raw_ips, 3),
         "served_requests_by_batch_size": served_batches,
         "latency_c1": lat,
+        "watch_fps": watch,
         "goals": {"cam_cost_ratio": "<= 1.05", "served_over_raw": ">= 0.9",
                   "int8_over_fp32_forward_cam": ">= 3", "served_int8_over_fp32": ">= 2"},
         "notes": ["in-process throughput = handler.handle() on a batch of PNG requests "
                   "(decode, preprocess, forward+CAM, overlay PNG, JSON), same batch size as served, "
                   "with as many torch threads as the served workers have together",
                   "in-process and served rounds alternate (median of 3 each) so all see the same load",
-                  "cam_fp32: the same archive with quantize: null, served by the same TorchServe"],
+                  "served load: PNG bodies over one keep-alive http.client connection per client thread "
+                  "(benchmarks.measure.KeepAlivePoster), the lightest load generator on the server's own cores",
+                  "cam_fp32: the same archive with quantize: null, served by the same TorchServe",
+                  f"watch_fps: frames/s of {WATCH_FRAMES} held-out digits (64 px, an animated GIF) sent by "
+                  "clients.watch's sender (JSON with the overlay, answers in frame order), by precision and "
+                  f"frames in flight ({', '.join(map(str, WATCH_IN_FLIGHT))}); median of {ROUNDS} alternating rounds"],
     }

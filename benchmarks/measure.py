@@ -1,12 +1,15 @@
 """Timing helpers shared by the model benchmarks: interleaved repeats, percentiles, load runs."""
 from __future__ import annotations
 
+import http.client
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 from harness import REPO
 
@@ -48,6 +51,35 @@ def load(call: Callable[[int], object], total: int, concurrency: int) -> float:
     with ThreadPoolExecutor(concurrency) as pool:
         list(pool.map(call, range(total)))
     return total / (time.perf_counter() - start)
+
+
+class KeepAlivePoster:
+    """POSTs over one keep-alive `http.client` connection per calling thread: the load generator of
+    the served benchmarks whose requests take a few ms. requests spends about 1 ms of CPU per call
+    (a quarter of a core at 300 calls/s, measured on cam), taken from the same 2 cores the server
+    under test runs on; http.client spends about a third of that."""
+
+    def __init__(self, base_url: str, token: str | None = None):
+        parts = urlsplit(base_url)
+        self.host, self.port = parts.hostname, parts.port
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.local = threading.local()
+
+    def post(self, path: str, body: bytes) -> tuple[int, http.client.HTTPMessage, bytes]:
+        """(status, headers, body) of POST `path`; reconnects once if the kept connection was closed."""
+        for attempt in (0, 1):
+            conn = getattr(self.local, "conn", None) or http.client.HTTPConnection(self.host, self.port, timeout=120)
+            self.local.conn = conn
+            try:
+                conn.request("POST", path, body=body, headers=self.headers)
+                resp = conn.getresponse()
+                return resp.status, resp.headers, resp.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                conn.close()
+                self.local.conn = None
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
 
 
 class ChildRounds:

@@ -34,7 +34,10 @@ def env(userland: Path) -> dict:
     # while paths the userland lacks (the repo, a server's own TMPDIR /tmp/ts-instance-*) are the host's.
     # OpenMP threads that spin while waiting cost emulated instructions on a shared 2-core host
     # (a cam batch: 15 s spinning, 10.5 s passive); the device's threads setting is unchanged.
-    return {"QEMU_LD_PREFIX": str(userland), "OMP_WAIT_POLICY": "PASSIVE"}
+    # QEMU_CPU: the arm64 target's core (a Raspberry Pi 5's Cortex-A76). Under qemu's default model
+    # ("max", every optional extension) torch ran about 3x slower here (its import, convolutions,
+    # the cam's int8 calibration at load).
+    return {"QEMU_LD_PREFIX": str(userland), "OMP_WAIT_POLICY": "PASSIVE", "QEMU_CPU": "cortex-a76"}
 
 
 if __name__ == "__main__":

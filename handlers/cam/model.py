@@ -13,6 +13,7 @@ The methods that need gradients run on the float model, per request.
 from __future__ import annotations
 
 import logging
+import zlib
 
 import numpy as np
 import torch
@@ -30,9 +31,10 @@ from handlers.core.images import b64_png, encode_png
 from handlers.core.model import ServedModel
 
 OVERLAY_IMAGE_WEIGHT = 0.5  # the overlay is half picture, half JET heatmap
-# zlib level of the overlay PNG: writing it was most of an int8 request's time; level 1 writes the
-# demo's overlays 3x faster than PIL's default 6, 22% larger (same pixels).
-OVERLAY_COMPRESS_LEVEL = 1
+# How the overlay PNG is compressed: writing it was most of an int8 request's time. zlib level 1
+# wrote the demo's overlays 3x faster than PIL's default 6 (22% larger), and the run-length
+# strategy a further 1.15x faster and 4% smaller; the pixels are the same.
+OVERLAY_PNG = {"compress_level": 1, "strategy": zlib.Z_RLE}
 
 logger = logging.getLogger(__name__)
 
@@ -190,11 +192,11 @@ class CamModel(ServedModel):
         base = np.asarray(shown, dtype=np.float32) / 255.0
         overlay = Image.fromarray(show_cam_on_image(base, full, use_rgb=True, image_weight=OVERLAY_IMAGE_WEIGHT))
         if pending.png:
-            return Outcome(response=encode_png(overlay, OVERLAY_COMPRESS_LEVEL), content_type=PNG_TYPE)
+            return Outcome(response=encode_png(overlay, **OVERLAY_PNG), content_type=PNG_TYPE)
         top = probs.topk(req.topk)
         predictions = [
             {"index": int(i), "label": self.labels[int(i)], "probability": round(float(p), 6)}
             for p, i in zip(top.values, top.indices)
         ]
-        cam["overlay"] = b64_png(overlay, OVERLAY_COMPRESS_LEVEL)
+        cam["overlay"] = b64_png(overlay, **OVERLAY_PNG)
         return Outcome(response={"predictions": predictions, "cam": cam})

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import zlib
 
 import numpy as np
 import torch
@@ -162,15 +163,16 @@ def _flatten(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     return Image.alpha_composite(Image.new("RGBA", img.size, (*background, 255)), rgba).convert("RGB")
 
 
-def encode_png(img: Image.Image, compress_level: int = 6) -> bytes:
-    """`compress_level`: zlib's 0-9; 6 is PIL's default."""
+def encode_png(img: Image.Image, compress_level: int = 6, strategy: int = zlib.Z_DEFAULT_STRATEGY) -> bytes:
+    """`compress_level`: zlib's 0-9; 6 is PIL's default. `strategy`: zlib's (Pillow's `compress_type`),
+    e.g. zlib.Z_RLE, which looks for runs only."""
     buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=compress_level)
+    img.save(buf, format="PNG", compress_level=compress_level, compress_type=strategy)
     return buf.getvalue()
 
 
-def b64_png(img: Image.Image, compress_level: int = 6) -> str:
-    return base64.b64encode(encode_png(img, compress_level)).decode("ascii")
+def b64_png(img: Image.Image, compress_level: int = 6, strategy: int = zlib.Z_DEFAULT_STRATEGY) -> str:
+    return base64.b64encode(encode_png(img, compress_level, strategy)).decode("ascii")
 
 
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:

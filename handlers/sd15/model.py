@@ -30,6 +30,18 @@ from handlers.sd15.request import SCHEDULERS, Sd15Request
 
 logger = logging.getLogger(__name__)
 
+
+class _EmptyFloat32ListFilter(logging.Filter):
+    """Drops diffusers' "modules ... should be kept in float32: []" warning. diffusers 0.42.1 logs it on
+    every `ModelMixin.to(dtype)` (from_pipe's cast among them), also when the list is empty (its
+    check `fp32_modules is not None` always holds): then nothing is kept or cast wrongly."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFloat32ListFilter())
+
 DEMO_WARNING = "demo profile: a randomly initialised smoke-test model; its images are noise"
 
 

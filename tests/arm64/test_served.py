@@ -24,6 +24,17 @@ def test_workers_run_on_aarch64(runtimes):
         assert runtime["threads"] == yaml.safe_load(config_path(model, "arm64").read_text())["handler"]["threads"]
 
 
+def test_cam_is_served_in_int8_with_maps(served):
+    """arm64.yaml's int8 (qnnpack) is what the aarch64 worker runs, and its answers carry the map
+    and the overlay (a worker that stayed float would say float32)."""
+    handler = yaml.safe_load(config_path("cam", "arm64").read_text())["handler"]
+    assert (handler["quantize"], handler["quantized_engine"]) == ("int8", "qnnpack")
+    (desc,) = served.client.describe("cam", customized=True)
+    assert desc["customizedMetadata"]["precision"] == "int8 (qnnpack)"
+    answer = served.client.predict("cam", valid_payloads()["cam"])
+    assert answer["cam"]["map"] and answer["cam"]["overlay"]
+
+
 @pytest.mark.parametrize(("model", "case"), BAD, ids=lambda c: c[0] if isinstance(c, tuple) else c)
 def test_bad_input_gets_400_with_field(served, model, case):
     _, payload, field = case

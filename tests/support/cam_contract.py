@@ -14,27 +14,38 @@ from __future__ import annotations
 import base64
 import io
 import math
+import platform
 
 import cv2
 import numpy as np
+import yaml
 from PIL import Image
 
+from deploy.targets import config_path
+from handlers.cam import contract
 from handlers.cam.model import OVERLAY_IMAGE_WEIGHT
 
-ATOL = 1e-4
+ATOL = contract.BATCH["float32"]
+MAP_CORRELATION_MIN = contract.MAP_CORRELATION_MIN
+MAP_MAX_ABS = contract.MAP_MAX_ABS
+
+
+def native_engine() -> str:
+    """The int8 engine of this machine's CPU target: cpu.yaml's on x86-64, arm64.yaml's on aarch64."""
+    target = "arm64" if platform.machine() in ("aarch64", "arm64") else "cpu"
+    return yaml.safe_load(config_path("cam", target).read_text())["handler"]["quantized_engine"]
+
 
 # What a precision other than float32 promises against float32's answer for the same image, on
-# every held-out digit (tests/unit/test_cam_precisions.py; docs/targets.md, "cam precisions"): the
-# same top-1, probabilities within `probability`, every coarse map correlated >= 0.98 with float32's
-# and within 0.05 (maps are normalised to [0, 1]); and a batch within `batch` of each image alone.
-# `config`: the handler settings that select it (on this x86 CPU).
-MAP_CORRELATION_MIN = 0.98
-MAP_MAX_ABS = 0.05
-PRECISIONS = {
-    "int8": {"config": {"quantize": "int8", "quantized_engine": "x86"}, "probability": 0.05, "batch": 0.0},
-    "bfloat16": {"config": {"dtype_cpu": "bfloat16", "quantize": None}, "probability": 0.02, "batch": ATOL},
-    "float16": {"config": {"dtype_cpu": "float16", "quantize": None}, "probability": 0.005, "batch": ATOL},
+# every held-out digit (tests/unit/test_cam_precisions.py): handlers/cam/contract.py's bounds, and
+# `config`: the handler settings that select it on this machine's CPU.
+CONFIGS = {
+    "int8": {"quantize": "int8", "quantized_engine": native_engine()},
+    "bfloat16": {"dtype_cpu": "bfloat16", "quantize": None},
+    "float16": {"dtype_cpu": "float16", "quantize": None},
 }
+PRECISIONS = {name: {"config": config, "probability": contract.PROBABILITY[name], "batch": contract.BATCH[name]}
+              for name, config in CONFIGS.items()}
 
 
 def overlay_levels() -> int:
@@ -60,4 +71,27 @@ def compare(a: dict, b: dict) -> dict:
     }
     assert gaps["probability"] <= ATOL and gaps["map"] <= ATOL, gaps
     assert gaps["overlay"] <= overlay_levels(), gaps
+    return gaps
+
+
+def map_correlation(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each pair of maps (..., h, w) -> (...)."""
+    a = a.reshape(*a.shape[:-2], -1)
+    b = b.reshape(*b.shape[:-2], -1)
+    a, b = a - a.mean(-1, keepdims=True), b - b.mean(-1, keepdims=True)
+    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+
+
+def compare_precision(answer: dict, float32: dict, precision: str) -> dict:
+    """Asserts `precision`'s promise (PRECISIONS) for one image's full answer against float32's;
+    returns the measured gaps."""
+    assert answer["predictions"][0]["index"] == float32["predictions"][0]["index"]
+    p = {q["index"]: q["probability"] for q in answer["predictions"]}
+    p32 = {q["index"]: q["probability"] for q in float32["predictions"]}
+    m, m32 = np.array(answer["cam"]["map"], dtype=float), np.array(float32["cam"]["map"], dtype=float)
+    gaps = {"probability": max(abs(p[i] - p32[i]) for i in p.keys() & p32.keys()),
+            "correlation": float(map_correlation(m, m32)),
+            "map": float(np.abs(m - m32).max())}
+    assert gaps["probability"] <= PRECISIONS[precision]["probability"], gaps
+    assert gaps["correlation"] >= MAP_CORRELATION_MIN and gaps["map"] <= MAP_MAX_ABS, gaps
     return gaps

@@ -1,6 +1,6 @@
 """cam in each precision it can run in, against float32 on every held-out digit: int8
 (`quantize: int8`), bfloat16 and float16 (`dtype_cpu`; float16 is cam's gpu dtype, run here on the
-CPU). The contract (tests/support/cam_contract.py PRECISIONS, docs/targets.md "cam precisions"):
+CPU). The contract (handlers/cam/contract.py, docs/targets.md "cam precisions"):
 the same top-1, probabilities within a stated bound, every coarse CAM map correlated >= 0.98 with
 float32's and within 0.05 of it (maps are normalised to [0, 1]); within a precision, a batch
 answers as each image alone within that precision's batch bound. The int8 model must really be
@@ -13,7 +13,7 @@ import torch
 from handlers.cam import quantize
 from handlers.cam.handler import CamHandler
 from harness.inprocess import demo_weights, load_handler, unpack
-from tests.support.cam_contract import MAP_CORRELATION_MIN, MAP_MAX_ABS, PRECISIONS
+from tests.support.cam_contract import MAP_CORRELATION_MIN, MAP_MAX_ABS, PRECISIONS, map_correlation
 from weights import digits
 
 
@@ -40,13 +40,6 @@ def load(precision: str, tmp_path_factory):
     return load_handler(CamHandler, "cam", model_dir)[0].model
 
 
-def correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation of each pair of maps (B, h, w)."""
-    a, b = a.flatten(1), b.flatten(1)
-    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
-    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp(min=1e-12)
-
-
 @pytest.mark.parametrize("precision", sorted(PRECISIONS))
 def test_precision_keeps_the_contract_against_float32(precision, held_out, float32, tmp_path_factory, one_torch_thread):
     model = load(precision, tmp_path_factory)
@@ -54,7 +47,7 @@ def test_precision_keeps_the_contract_against_float32(precision, held_out, float
     probs32, chosen32, maps32 = float32
     gaps = {"top1_differs": int((chosen != chosen32).sum()),
             "probability": float((probs - probs32).abs().max()),
-            "correlation_min": float(correlation(maps.float(), maps32).min()),
+            "correlation_min": float(map_correlation(maps.float().numpy(), maps32.numpy()).min()),
             "map": float((maps.float() - maps32).abs().max())}
     print(precision, gaps)
     assert gaps["top1_differs"] == 0, gaps

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -35,6 +36,22 @@ def test_one_set_of_components(sd15_handler):
         pipe = handler.model.pipes[mode]
         assert pipe.unet is base.unet and pipe.vae is base.vae and pipe.text_encoder is base.text_encoder
         assert pipe.tokenizer is base.tokenizer
+
+
+def test_no_empty_float32_list_warning_from_diffusers(sd15_handler, caplog):
+    """diffusers warns "should be kept in float32: []" on every dtype cast, with nothing to keep:
+    the handler drops that one message; a list that names modules still gets through."""
+    handler, _ = sd15_handler
+    vae = handler.model.pipes["txt2img"].vae
+    with caplog.at_level(logging.WARNING, logger="diffusers"):
+        vae.to(torch.float32)
+        assert "should be kept in float32" not in caplog.text
+        vae._keep_in_fp32_modules = ["decoder"]
+        try:
+            vae.to(torch.float32)
+        finally:
+            del vae._keep_in_fp32_modules  # back to the class attribute
+    assert "should be kept in float32: ['decoder']" in caplog.text
 
 
 def test_same_seed_same_png(sd15_handler):
