@@ -106,6 +106,10 @@ fingerprint() {  # every input that changes the archive: handler code, config, w
   } | sha256sum | cut -d' ' -f1
 }
 
+weights_sha256() {  # the weights' content (every file's path and bytes): "Model hash" in the PNGs a model writes
+  (cd "$1" && find -L . -type f -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum) | sha256sum | cut -d' ' -f1
+}
+
 for m in "${models[@]}"; do
   wdir="$(weights_for "$m")"
   [ -d "$wdir" ] || die "weights directory for '$m' not found: $wdir (build it with 'make weights PROFILE=$profile' or set $(echo "$m" | tr '[:lower:]' '[:upper:]')_WEIGHTS)"
@@ -135,7 +139,8 @@ for m in "${models[@]}"; do
   mkdir -p "$work/extra" "$work/out" "$work/tmp"
   (cd "$here" && find $(code_of "$m") -name '*.py' -type f -exec cp --parents {} "$work/extra/" \;)
   # What the handler's describe reports (GET /models/<name>?customized=true).
-  printf '{"profile": "%s", "target": "%s", "version": "%s"}\n' "$profile" "$target" "$version" > "$work/extra/archive.json"
+  printf '{"profile": "%s", "target": "%s", "version": "%s", "fingerprint": "%s", "weights_sha256": "%s"}\n' \
+    "$profile" "$target" "$version" "$fp" "$(weights_sha256 "$wdir")" > "$work/extra/archive.json"
   # The archiver copies its inputs twice for no-archive (to a temp dir, then to the output):
   # for GBs of weights, give it only the code and copy the weights into its output once.
   [ "$format" = "no-archive" ] || ln -s "$(cd "$wdir" && pwd)" "$work/extra/weights"

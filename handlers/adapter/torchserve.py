@@ -112,6 +112,8 @@ class TorchServeHandler(BaseHandler):
             raise FileNotFoundError(f"weights directory missing from the archive: {weights}")
         self.model = self.model_type(weights, config, device, dtype, float(yaml["responseTimeout"]))
         manifest = (getattr(context, "manifest", None) or {}).get("model") or {}
+        self.model.archive = {"model": manifest.get("modelName", context.model_name),
+                              "version": manifest.get("modelVersion"), **self.archive_info()}
         server = Server(manifest.get("modelName", context.model_name), manifest.get("modelVersion"),
                         int(yaml.get("batchSize", 0) or 0) or None)
         self.static_loop = StaticLoop(self.model, server)
@@ -155,14 +157,16 @@ class TorchServeHandler(BaseHandler):
     def describe_handle(self) -> str:
         """`GET /models/<model>?customized=true`: what this archive accepts and what it is."""
         manifest = (getattr(self.context, "manifest", None) or {}).get("model") or {}
+        info = self.archive_info()
         return json.dumps({"model": self.context.model_name, "version": manifest.get("modelVersion"),
-                           **self.archive_info(), **self.model.describe()})
+                           "profile": info["profile"], "target": info["target"], **self.model.describe()})
 
     def archive_info(self) -> dict:
-        """Profile and target archive.sh wrote into the archive (archive.json)."""
+        """What archive.sh wrote into the archive (archive.json): profile, target, the archive's
+        fingerprint and its weights' sha256; None each when the archive has no archive.json."""
         path = os.path.join(self.context.system_properties["model_dir"], "archive.json")
-        if not os.path.isfile(path):
-            return {"profile": None, "target": None}
-        with open(path) as f:
-            info = json.load(f)
-        return {"profile": info.get("profile"), "target": info.get("target")}
+        info = {}
+        if os.path.isfile(path):
+            with open(path) as f:
+                info = json.load(f)
+        return {key: info.get(key) for key in ("profile", "target", "fingerprint", "weights_sha256")}

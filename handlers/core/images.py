@@ -24,6 +24,7 @@ import zlib
 import numpy as np
 import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
 
 from handlers.core.errors import RequestError
 
@@ -163,16 +164,18 @@ def _flatten(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     return Image.alpha_composite(Image.new("RGBA", img.size, (*background, 255)), rgba).convert("RGB")
 
 
-def encode_png(img: Image.Image, compress_level: int = 6, strategy: int = zlib.Z_DEFAULT_STRATEGY) -> bytes:
+def encode_png(img: Image.Image, compress_level: int = 6, strategy: int = zlib.Z_DEFAULT_STRATEGY,
+               pnginfo: PngInfo | None = None) -> bytes:
     """`compress_level`: zlib's 0-9; 6 is PIL's default. `strategy`: zlib's (Pillow's `compress_type`),
-    e.g. zlib.Z_RLE, which looks for runs only."""
+    e.g. zlib.Z_RLE, which looks for runs only. `pnginfo`: text chunks (handlers/core/provenance.py)."""
     buf = io.BytesIO()
-    img.save(buf, format="PNG", compress_level=compress_level, compress_type=strategy)
+    img.save(buf, format="PNG", compress_level=compress_level, compress_type=strategy, pnginfo=pnginfo)
     return buf.getvalue()
 
 
-def b64_png(img: Image.Image, compress_level: int = 6, strategy: int = zlib.Z_DEFAULT_STRATEGY) -> str:
-    return base64.b64encode(encode_png(img, compress_level, strategy)).decode("ascii")
+def b64_png(img: Image.Image, compress_level: int = 6, strategy: int = zlib.Z_DEFAULT_STRATEGY,
+            pnginfo: PngInfo | None = None) -> str:
+    return base64.b64encode(encode_png(img, compress_level, strategy, pnginfo)).decode("ascii")
 
 
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:

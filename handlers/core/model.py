@@ -18,7 +18,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from PIL.PngImagePlugin import PngInfo
 
+from handlers.core import provenance
 from handlers.core.batch import Group, Outcome, Pending
 from handlers.core.bodies import json_body
 from handlers.core.budget import StepClock, TimeBudget
@@ -70,6 +72,9 @@ class ServedModel:
         self.config = config
         self.device, self.dtype = device, dtype
         self.budget = TimeBudget(response_timeout_s, float(config.get("timeout_margin", 1.0)))
+        # What the server adapter knows of the archive: model, version, profile, target,
+        # fingerprint, weights_sha256 (archive.json); the generated PNGs record it.
+        self.archive: dict[str, Any] = {}
         logger.info("worker runtime: %s", runtime())
 
     def bind_request(self, model_limits: dict | None = None) -> None:
@@ -111,6 +116,18 @@ class ServedModel:
     def capabilities(self) -> dict:
         """Model-specific lists for describe (schedulers, CAM methods)."""
         return {}
+
+    def a1111_parameters(self, params: RequestModel) -> str:
+        """AUTOMATIC1111's infotext of a generation request (models that generate images)."""
+        raise NotImplementedError
+
+    def png_infos(self, params: RequestModel, count: int) -> list[PngInfo | None]:
+        """The text chunks of each of a request's `count` PNGs (handlers/core/provenance.py), or
+        None each when the request says `"metadata": false`."""
+        if not params.metadata:
+            return [None] * count
+        text, request, where = self.a1111_parameters(params), params.recorded(), runtime()
+        return [provenance.png_info(text, provenance.record(request, i, self.archive, where)) for i in range(count)]
 
     def describe(self) -> dict:
         """What this model accepts and where it runs."""

@@ -61,7 +61,9 @@ Base64Image = Annotated[
 class RequestModel(BaseModel):
     """Base of every model's request: strict JSON types, unknown fields refused."""
 
-    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True)
+    # ser_json_bytes: an image sent as bytes (a form upload) is recorded as base64, as JSON sends it.
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, use_attribute_docstrings=True,
+                              ser_json_bytes="base64")
 
     # Derived properties (not fields) that split a batch too, e.g. sd15's `mode`.
     batched_properties: ClassVar[tuple[str, ...]] = ()
@@ -196,6 +198,9 @@ class SeededImages(RequestModel):
     non-streaming response (or `error`). See docs/streaming.md."""
     preview_every: Annotated[int, Field(ge=0)] = 5
     """With `stream`: a `preview` event (small PNGs of the current estimate) every this many steps; 0 = none."""
+    metadata: bool = True
+    """Write how each PNG was made into it: AUTOMATIC1111's `parameters` text and the `serving` JSON
+    record (docs/rest-api.md#images-that-say-how-they-were-made); false = bare PNGs."""
 
     @field_validator("seed")
     @classmethod
@@ -214,6 +219,11 @@ class SeededImages(RequestModel):
     def stream_fields(cls) -> tuple[str, ...]:
         """Fields that only mean something with `stream`."""
         return ("preview_every",)
+
+    def recorded(self) -> dict:
+        """The request as resolved (defaults filled in, the seed used) as JSON values, less the
+        fields that only shape the stream: what the `serving` record of its PNGs holds."""
+        return self.model_dump(mode="json", exclude={"stream", *self.stream_fields()})
 
     def step_cost(self) -> float:
         """Work units between two messages of a streaming request: one step of its images, or the

@@ -28,13 +28,14 @@ import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
+from handlers.core import provenance
 from handlers.core.batch import PNG_TYPE, Group, Outcome, Pending, group_of
 from handlers.core.budget import seconds_per_call, streaming
 from handlers.core.images import b64_png, encode_png, tensor_to_pil
 from handlers.core.model import ServedModel
 from handlers.core.streaming import preview_event, progress_event, wants_preview
 from handlers.core.torchscript import FrozenUNet
-from handlers.ddpm.request import SCHEDULERS, DdpmRequest
+from handlers.ddpm.request import A1111_SAMPLERS, SCHEDULERS, DdpmRequest
 
 logger = logging.getLogger(__name__)
 
@@ -233,15 +234,23 @@ class DdpmModel(ServedModel):
     def respond(self, pending: Pending, results: list[tuple]) -> Outcome:
         req = pending.params
         pils = [pil for pil, _ in results]
+        infos = self.png_infos(req, len(pils))
         if pending.png:
-            return Outcome(response=encode_png(pils[0]), content_type=PNG_TYPE)
-        body = {"images": [b64_png(p) for p in pils], "seed": req.seed, "steps": req.steps,
-                "scheduler": req.scheduler}
+            return Outcome(response=encode_png(pils[0], pnginfo=infos[0]), content_type=PNG_TYPE)
+        body = {"images": [b64_png(p, pnginfo=info) for p, info in zip(pils, infos)], "seed": req.seed,
+                "steps": req.steps, "scheduler": req.scheduler}
         if req.scheduler == "ddim":
             body["eta"] = req.eta
         if req.trajectory:
             body["trajectory"] = self.trajectory_gif(results[0][1])
         return Outcome(response=body)
+
+    def a1111_parameters(self, params: DdpmRequest) -> str:
+        """No prompt: the first line is empty, the settings line follows."""
+        return provenance.a1111_parameters("", "", {
+            "Steps": params.steps, "Sampler": A1111_SAMPLERS[params.scheduler], "Eta": params.eta,
+            "Seed": params.seed, "Size": f"{self.shape[2]}x{self.shape[1]}",
+            "Model hash": provenance.model_hash(self.archive), "Model": self.archive.get("model")})
 
     @staticmethod
     def trajectory_gif(frames: list[torch.Tensor]) -> str:

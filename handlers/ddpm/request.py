@@ -26,6 +26,9 @@ SCHEDULERS = {
     "unipc": UniPCMultistepScheduler,
     "euler": EulerDiscreteScheduler,
 }
+# AUTOMATIC1111's names of the same samplers, for the `parameters` text of the PNGs (A1111 has no
+# plain DDPM sampler: "DDPM" is written as it is).
+A1111_SAMPLERS = {"ddim": "DDIM", "ddpm": "DDPM", "dpm++": "DPM++ 2M", "unipc": "UniPC", "euler": "Euler"}
 
 
 class DdpmRequest(SeededImages):

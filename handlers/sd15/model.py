@@ -22,11 +22,12 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
+from handlers.core import provenance
 from handlers.core.batch import PNG_TYPE, Group, Outcome, Pending, group_of
 from handlers.core.images import b64_png, encode_png, tensor_to_pil
 from handlers.core.model import ServedModel
 from handlers.core.streaming import no_progress
-from handlers.sd15.request import SCHEDULERS, Sd15Request
+from handlers.sd15.request import A1111_SAMPLERS, SCHEDULERS, Sd15Request
 
 logger = logging.getLogger(__name__)
 
@@ -184,14 +185,15 @@ class Sd15Model(ServedModel):
             if n > self.tokenizer.model_max_length:
                 warnings.append(f"'{name}' is {n} tokens; CLIP reads the first {self.tokenizer.model_max_length} "
                                 "(the rest was truncated)")
+        infos = self.png_infos(req, len(pils))
         if pending.png and not nsfw[0]:
             # A raw PNG has no body for the seed and the warnings: they travel as headers.
             headers = {"X-Seed": str(req.seed), **({"X-Warnings": " | ".join(warnings)} if warnings else {})}
-            return Outcome(response=encode_png(pils[0]), content_type=PNG_TYPE, headers=headers)
+            return Outcome(response=encode_png(pils[0], pnginfo=infos[0]), content_type=PNG_TYPE, headers=headers)
         if any(nsfw):
             warnings.append("the safety checker flagged some images; they are withheld (null in 'images')")
         body = {
-            "images": [None if flag else b64_png(p) for p, flag in zip(pils, nsfw)],
+            "images": [None if flag else b64_png(p, pnginfo=info) for p, flag, info in zip(pils, nsfw, infos)],
             "seed": req.seed, "steps": req.steps, "scheduler": req.scheduler,
             "guidance_scale": req.guidance_scale, "width": req.width, "height": req.height,
             "mode": req.mode, "warnings": warnings,
@@ -202,6 +204,13 @@ class Sd15Model(ServedModel):
             body["nsfw"] = nsfw
         return Outcome(response=body)
 
+
+    def a1111_parameters(self, params: Sd15Request) -> str:
+        return provenance.a1111_parameters(params.prompt, params.negative_prompt, {
+            "Steps": params.steps, "Sampler": A1111_SAMPLERS[params.scheduler], "CFG scale": params.guidance_scale,
+            "Seed": params.seed, "Size": f"{params.width}x{params.height}",
+            "Model hash": provenance.model_hash(self.archive), "Model": self.archive.get("model"),
+            "Denoising strength": params.strength})
 
 
 def set_vae_tiles(vae, tile: int | None) -> None:

@@ -23,6 +23,9 @@ SCHEDULERS = {
     "euler": EulerDiscreteScheduler,
     "dpm++": DPMSolverMultistepScheduler,
 }
+# AUTOMATIC1111's names of the same samplers, for the `parameters` text of the PNGs (SD1.5's PNDM
+# config skips the Runge-Kutta warm-up: the pseudo linear multistep method, A1111's PLMS).
+A1111_SAMPLERS = {"pndm": "PLMS", "ddim": "DDIM", "euler": "Euler", "dpm++": "DPM++ 2M"}
 REFERENCE_PIXELS = 512 * 512
 # Work per image of P = pixels / 512^2 as (a, b) in a*P + b*P^2, in units of one 512x512 denoising
 # step with classifier-free guidance (the configs' steps_per_second_512). From torch.utils.flop_counter

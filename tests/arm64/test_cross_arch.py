@@ -22,13 +22,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clients.verify import CROSS_ARCH_LEVELS  # grey levels per pixel, x86 vs aarch64: ddpm, sd15
 from harness.bad_inputs import b64
 from harness.context import run_batch
 from harness.inprocess import demo_weights, load_handler, png_bytes, unpack
 from tests.support import cam_contract
 from weights import digits
 
-CROSS_ARCH_LEVELS = 2  # grey levels (of 255) per pixel, x86 vs aarch64, for ddpm and sd15
 # cam int8 (qnnpack) on aarch64 vs on x86, same calibration images: the integer kernels agree, but
 # the float calibration pass sums in another order, so a quantization scale can differ in its last
 # bits and move a value by one int8 step. Bounds on probabilities and maps (in [0, 1]).

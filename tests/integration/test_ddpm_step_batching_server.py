@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,9 @@ from harness import REPO
 from harness.torchserve import TorchServeInstance
 
 VARIANTS = {"ddpm_static": "cpu", "ddpm_step": "cpu-step"}  # model name: target
+# Byte-for-byte comparisons ask for bare PNGs: a PNG's `serving` record names the archive that made
+# it, which differs between the two (test_pngs_record_their_own_archive checks the rest is equal).
+BARE = {"metadata": False}
 
 
 def build_archive(store, name: str, target: str) -> None:
@@ -58,7 +62,7 @@ def assert_same(step: dict, static: dict) -> None:
 
 
 def test_seeded_request_alone_is_byte_identical(server):
-    req = {"steps": 10, "seed": 2024, "num_images": 2, "scheduler": "dpm++"}
+    req = {"steps": 10, "seed": 2024, "num_images": 2, "scheduler": "dpm++", **BARE}
     step = server.client.predict_raw("ddpm_step", req)
     static = server.client.predict_raw("ddpm_static", req)
     assert step.status_code == static.status_code == 200
@@ -69,8 +73,8 @@ def test_grpc_requests_are_answered_whole_beside_the_loop(server):
     """TorchServe 0.12 drops a live gRPC job after its first message under continuous batching:
     a gRPC request arriving while a REST request is in the loop is answered whole (the static
     answer, byte for byte), over Predictions and StreamPredictions, and the REST one finishes."""
-    long = {"steps": 40, "seed": 8, "scheduler": "ddpm"}
-    short = {"steps": 6, "seed": 9, "scheduler": "ddim"}
+    long = {"steps": 40, "seed": 8, "scheduler": "ddpm", **BARE}
+    short = {"steps": 6, "seed": 9, "scheduler": "ddim", **BARE}
     with ThreadPoolExecutor(1) as pool, server.make_grpc_client() as grpc_client:
         running = pool.submit(server.client.predict_raw, "ddpm_step", long)
         time.sleep(0.3)
@@ -106,9 +110,26 @@ def test_requests_joining_mid_loop_match_static(server):
     assert responses[0].headers.get("transfer-encoding") == "chunked"
 
 
+def test_pngs_record_their_own_archive(server):
+    """With metadata, the same request's PNGs from the two archives have the same pixels and the
+    same record, but for the fields that name the archive."""
+    req = {"steps": 5, "seed": 12, "num_images": 2}
+    made = {}
+    for name in VARIANTS:
+        images = [Image.open(io.BytesIO(base64.b64decode(b))) for b in server.client.predict(name, req)["images"]]
+        made[name] = [(img.tobytes(), json.loads(img.text["serving"])) for img in images]
+    for (pixels, step), (static_pixels, static) in zip(made["ddpm_step"], made["ddpm_static"]):
+        assert pixels == static_pixels
+        assert (step["model"], step["target"], static["model"], static["target"]) == \
+            ("ddpm_step", "cpu-step", "ddpm_static", "cpu")
+        assert step["fingerprint"] != static["fingerprint"]
+        named = ("model", "target", "fingerprint")
+        assert {k: v for k, v in step.items() if k not in named} == {k: v for k, v in static.items() if k not in named}
+
+
 def test_png_response(server):
-    raw = server.client.predict_raw("ddpm_step", {"steps": 3, "seed": 0}, accept="image/png")
-    static = server.client.predict_raw("ddpm_static", {"steps": 3, "seed": 0}, accept="image/png")
+    raw = server.client.predict_raw("ddpm_step", {"steps": 3, "seed": 0, **BARE}, accept="image/png")
+    static = server.client.predict_raw("ddpm_static", {"steps": 3, "seed": 0, **BARE}, accept="image/png")
     assert raw.status_code == 200 and raw.headers["content-type"] == "image/png"
     assert raw.content == static.content
 
@@ -117,10 +138,10 @@ def test_streaming_client_gets_only_the_final_body(server):
     client = server.client
     url = f"{client.inference_url}/predictions/ddpm_step"
     headers = {"Authorization": f"Bearer {client.keys.inference}"}
-    with requests.post(url, json={"steps": 8, "seed": 3}, headers=headers, stream=True, timeout=120) as resp:
+    with requests.post(url, json={"steps": 8, "seed": 3, **BARE}, headers=headers, stream=True, timeout=120) as resp:
         chunks = [c for c in resp.iter_content(chunk_size=None) if c]
     assert resp.status_code == 200
-    static = client.predict_raw("ddpm_static", {"steps": 8, "seed": 3})
+    static = client.predict_raw("ddpm_static", {"steps": 8, "seed": 3, **BARE})
     assert b"".join(chunks) == static.content
 
 
@@ -131,7 +152,7 @@ def test_streaming_request_gets_one_event_per_step(server):
     request; an ordinary request in flight with it still gets only its body."""
     payload = {"steps": 12, "seed": 8, "num_images": 2, "scheduler": "dpm++"}
     with ThreadPoolExecutor(1) as pool:
-        ordinary = pool.submit(server.client.predict_raw, "ddpm_step", {"steps": 20, "seed": 9})
+        ordinary = pool.submit(server.client.predict_raw, "ddpm_step", {"steps": 20, "seed": 9, **BARE})
         events = list(server.client.stream("ddpm_step", {**payload, "preview_every": 4}))
         ordinary = ordinary.result(timeout=120)
     progress = [e for e in events if e["event"] == "progress"]
@@ -141,7 +162,7 @@ def test_streaming_request_gets_one_event_per_step(server):
     assert events[-1]["event"] == "result"
     assert_same(events[-1]["response"], server.client.predict("ddpm_static", payload))
     assert ordinary.status_code == 200 and ordinary.headers["content-type"] == "application/json"
-    assert ordinary.content == server.client.predict_raw("ddpm_static", {"steps": 20, "seed": 9}).content
+    assert ordinary.content == server.client.predict_raw("ddpm_static", {"steps": 20, "seed": 9, **BARE}).content
 
 
 def test_handler_time_is_logged_and_the_client_never_sends_a_customized_describe(server):
