@@ -70,6 +70,9 @@ def ddpm_cases() -> list[tuple[str, bytes | dict, str]]:
         ("stream-not-bool", {"stream": "yes"}, "stream"),
         ("preview-without-stream", {"preview_every": 2}, "preview_every"),
         ("negative-preview-every", {"stream": True, "preview_every": -1}, "preview_every"),
+        ("request-id-short", {"request_id": "abc"}, "request_id"),
+        ("request-id-path", {"request_id": "../../etc/passwd"}, "request_id"),
+        ("request-id-number", {"request_id": 12345678}, "request_id"),
     ]
 
 
@@ -97,4 +100,6 @@ def sd15_cases() -> list[tuple[str, bytes | dict, str]]:
         ("unknown-scheduler", {**base, "scheduler": "lms"}, "scheduler"),
         ("stream-not-bool", {**base, "stream": 1}, "stream"),
         ("preview-vae-without-stream", {**base, "preview_vae": True}, "preview_vae"),
+        ("request-id-too-long", {**base, "request_id": "x" * 65}, "request_id"),
+        ("request-id-space", {**base, "request_id": "my request 1"}, "request_id"),
     ]

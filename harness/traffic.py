@@ -1,7 +1,8 @@
-"""Request mixes for load and fault tests: one small, valid request per model, and helpers to
-read worker processes (pids, RSS) of a running TorchServe."""
+"""Request mixes for load and fault tests: one small, valid request per model, helpers to read
+worker processes (pids, RSS) of a running TorchServe, and what two answers are compared on."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -23,6 +24,25 @@ def valid_payloads() -> dict:
         "ddpm": {"num_images": 1, "steps": 5, "seed": 0},
         "sd15": {"prompt": "a red fox in the snow", "steps": 2, "width": 64, "height": 64, "seed": 0},
     }
+
+
+def without_ids(answer) -> object:
+    """A JSON answer (dict, str or bytes; NDJSON: a list of events) with every `request_id` left
+    out: each request has its own, so two requests' answers are compared on what they made."""
+    if isinstance(answer, (bytes, bytearray)):
+        answer = answer.decode("utf-8")
+    if isinstance(answer, str):
+        lines = [line for line in answer.splitlines() if line.strip()]
+        answer = [json.loads(line) for line in lines] if len(lines) > 1 else json.loads(answer)
+
+    def strip(value):
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k != "request_id"}
+        return value
+
+    return strip(answer)
 
 
 def worker_pids(client, model: str) -> list[int]:

@@ -27,6 +27,7 @@ from handlers.adapter import envelope
 from handlers.core.answers import Reply
 from handlers.core.batch import GRPC, KSERVE_V1, KSERVE_V2, REST, Incoming
 from handlers.core.bodies import FormFields
+from handlers.core.jobs import Jobs
 from handlers.core.loops import Server, StaticLoop, StepLoop
 from handlers.core.model import ServedModel, select_device
 
@@ -114,8 +115,8 @@ class TorchServeHandler(BaseHandler):
         manifest = (getattr(context, "manifest", None) or {}).get("model") or {}
         self.model.archive = {"model": manifest.get("modelName", context.model_name),
                               "version": manifest.get("modelVersion"), **self.archive_info()}
-        server = Server(manifest.get("modelName", context.model_name), manifest.get("modelVersion"),
-                        int(yaml.get("batchSize", 0) or 0) or None)
+        name = manifest.get("modelName", context.model_name)
+        server = Server(name, manifest.get("modelVersion"), int(yaml.get("batchSize", 0) or 0) or None, Jobs(name))
         self.static_loop = StaticLoop(self.model, server)
         self.step_loop = StepLoop(self.model, server) if yaml.get("continuousBatching") else None  # ValueError without step hooks
         envelope.pass_through(TorchServeHandler)

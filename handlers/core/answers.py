@@ -61,8 +61,10 @@ def later(body: bytes) -> Reply:
 
 
 # NDJSON events ------------------------------------------------------------------------------
-def ndjson(events: list[dict]) -> bytes:
-    return "".join(json.dumps(e) + "\n" for e in events).encode("utf-8")
+def ndjson(events: list[dict], request_id: str | None = None) -> bytes:
+    """NDJSON lines; each event carries the request's id when it has one."""
+    tag = {"request_id": request_id} if request_id else {}
+    return "".join(json.dumps({**e, **tag}) + "\n" for e in events).encode("utf-8")
 
 
 def result_event(response) -> dict:
@@ -77,10 +79,10 @@ def stream_head(batch_size: int) -> Reply:
     return running(NDJSON_TYPE, batch_size)
 
 
-def stream_end(outcome: Outcome, events: list[dict] | None = None) -> bytes:
+def stream_end(outcome: Outcome, events: list[dict] | None = None, request_id: str | None = None) -> bytes:
     """A stream's last message: its pending events, then its result or error event."""
     last = error_event(outcome.error) if outcome.error is not None else result_event(outcome.response)
-    return ndjson([*(events or []), last])
+    return ndjson([*(events or []), last], request_id)
 
 
 # KServe -------------------------------------------------------------------------------------

@@ -35,8 +35,9 @@ from handlers.core.batch import (
 from handlers.core.bodies import json_body
 from handlers.core.budget import charge, streaming
 from handlers.core.errors import RequestError, internal_error
+from handlers.core.jobs import Jobs
 from handlers.core.model import ServedModel
-from handlers.core.streaming import BatchStreams, Channel, no_progress
+from handlers.core.streaming import BatchStreams, Channel, no_progress, request_id_of
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +57,21 @@ def not_streamed(protocol: str) -> RequestError:
 
 @dataclass
 class Server:
-    """What the loops need to know of the server: names for KServe v2 answers, and the most
-    model requests one KServe v1 request may carry (its batch size)."""
+    """What the loops need to know of the server: names for KServe v2 answers, the most model
+    requests one KServe v1 request may carry (its batch size), and the request ids in flight on
+    this server instance (handlers/core/jobs.py; None: ids are not tracked)."""
 
     model_name: str
     model_version: str | None = None
     max_instances: int | None = None
+    jobs: Jobs | None = None
+
+    def release(self, flat: list) -> None:
+        """Ends the claims of the admitted generation requests among `flat` (admit() claimed them)."""
+        if self.jobs is not None:
+            for p in flat:
+                if isinstance(p, Pending) and getattr(p.params, "request_id", None):
+                    self.jobs.release(p.params.request_id)
 
 
 def admit(model: ServedModel, inc: Incoming, flat: list, server: Server) -> Admitted:
@@ -92,6 +102,8 @@ def admit(model: ServedModel, inc: Incoming, flat: list, server: Server) -> Admi
                 raise not_streamed(inc.protocol)
             model.budget.check(params)
             png = inc.protocol == REST and inc.wants_png and model.png_ok(params)
+            if server.jobs is not None and getattr(params, "request_id", None):
+                server.jobs.claim(params.request_id)  # the last check: a refused request claims nothing
             item = Pending(len(flat), params, png=png, explain=inc.explain, origin=inc.idx)
         except RequestError as err:
             item = err
@@ -142,7 +154,15 @@ class StaticLoop:
         """`channel`: where streaming requests' events go (None: nobody to stream to, e.g. an
         in-process caller; they are answered with their final message only)."""
         flat: list = []
-        admitted = [admit(self.model, inc, flat, self.server) for inc in batch]
+        try:
+            admitted = [admit(self.model, inc, flat, self.server) for inc in batch]
+            return self.answer_all(batch, admitted, flat, channel)
+        finally:
+            self.server.release(flat)
+
+    def answer_all(self, batch: list[Incoming], admitted: list[Admitted], flat: list,
+                   channel: Channel | None) -> list[Reply]:
+        flat = list(flat)  # refusals below replace items here only: run() releases the claims of all
         spent = 0.0
         for i, item in enumerate(flat):
             if isinstance(item, Pending):
@@ -162,7 +182,8 @@ class StaticLoop:
         replies = []
         for req in admitted:
             if req.error is None and streams is not None and req.members[0][1] in streams:
-                replies.append(answers.later(answers.stream_end(outcomes[req.members[0][1]])))
+                i = req.members[0][1]
+                replies.append(answers.later(answers.stream_end(outcomes[i], request_id=request_id_of(flat[i]))))
             else:
                 replies.append(answer(req, outcomes, len(batch), self.server))
         return replies
@@ -230,7 +251,7 @@ class StepLoop:
     def step(self, batch: list[Incoming], batch_size: int) -> list[tuple[Reply, bool | None]]:
         ids = [inc.request_id for inc in batch]
         for gone in set(self.in_flight) - set(ids):  # the server dropped it (client closed)
-            del self.in_flight[gone]
+            self.server.release(self.in_flight.pop(gone).pendings)
         new = set()
         for inc in batch:
             if inc.request_id not in self.in_flight:
@@ -276,12 +297,13 @@ class StepLoop:
                     logger.exception("answering request %s failed", inc.request_id)
                     t.outcomes[i] = Outcome(error=internal_error(exc))
         if not t.ended:
-            body = answers.ndjson(events) if events else b""
+            body = answers.ndjson(events, request_id_of(t.pendings[0])) if events else b""
             return (answers.running(t.content_type(), batch_size, body) if first else answers.later(body)), False
-        del self.in_flight[inc.request_id]
+        self.server.release(self.in_flight.pop(inc.request_id).pendings)
         outcomes = [t.outcomes[i] for i in range(len(t.pendings))]
         if t.streamed:
-            body = answers.stream_end(outcomes[0], events if outcomes[0].error is None else [])
+            body = answers.stream_end(outcomes[0], events if outcomes[0].error is None else [],
+                                      request_id_of(t.pendings[0]))
             return (answers.running(NDJSON_TYPE, batch_size, body) if first else answers.later(body)), \
                 None if first else True
         reply = answer(t.req, outcomes, batch_size, self.server)

@@ -14,6 +14,7 @@ declaration. `parse()` turns its errors into this project's 400 contract,
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import typing
 from collections.abc import Mapping
@@ -35,6 +36,8 @@ from pydantic import (
 from handlers.core.errors import RequestError
 
 MAX_SEED = 2**63 - 1
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
+REQUEST_ID_BYTES = 16  # a generated id: 128 random bits, 22 URL-safe characters
 
 
 class ConfigMax:
@@ -198,6 +201,10 @@ class SeededImages(RequestModel):
     non-streaming response (or `error`). See docs/streaming.md."""
     preview_every: Annotated[int, Field(ge=0)] = 5
     """With `stream`: a `preview` event (small PNGs of the current estimate) every this many steps; 0 = none."""
+    request_id: Annotated[str | None, Field(validate_default=True)] = None
+    """This request's id: 8 to 64 letters, digits, '.', '_' or '-'; null = a random, unguessable one.
+    Returned in the body and in every stream event; a request whose id is already in flight is
+    refused (409)."""
     metadata: bool = True
     """Write how each PNG was made into it: AUTOMATIC1111's `parameters` text and the `serving` JSON
     record (docs/rest-api.md#images-that-say-how-they-were-made); false = bare PNGs."""
@@ -206,6 +213,16 @@ class SeededImages(RequestModel):
     @classmethod
     def _resolve_seed(cls, seed: int | None) -> int:
         return secrets.randbelow(2**53) if seed is None else seed
+
+    @field_validator("request_id")
+    @classmethod
+    def _resolve_request_id(cls, request_id: str | None) -> str:
+        if request_id is None:
+            return secrets.token_urlsafe(REQUEST_ID_BYTES)
+        if not REQUEST_ID.fullmatch(request_id):
+            raise RequestError("request_id", "'request_id' must be 8 to 64 letters, digits, '.', '_' or '-', "
+                                             f"got {_short(request_id)}")
+        return request_id
 
     @model_validator(mode="after")
     def _preview_needs_stream(self):
@@ -221,9 +238,9 @@ class SeededImages(RequestModel):
         return ("preview_every",)
 
     def recorded(self) -> dict:
-        """The request as resolved (defaults filled in, the seed used) as JSON values, less the
-        fields that only shape the stream: what the `serving` record of its PNGs holds."""
-        return self.model_dump(mode="json", exclude={"stream", *self.stream_fields()})
+        """The request as resolved (defaults filled in, the seed used) as JSON values, less its id
+        and the fields that only shape the stream: what the `serving` record of its PNGs holds."""
+        return self.model_dump(mode="json", exclude={"stream", "request_id", *self.stream_fields()})
 
     def step_cost(self) -> float:
         """Work units between two messages of a streaming request: one step of its images, or the

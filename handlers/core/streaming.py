@@ -97,7 +97,13 @@ class BatchStreams:
 
     def send(self, messages: dict[int, list[dict]]) -> None:
         if messages:
-            self.channel.send({self.members[idx].origin: answers.ndjson(events) for idx, events in messages.items()})
+            self.channel.send({self.members[idx].origin: answers.ndjson(events, request_id_of(self.members[idx]))
+                               for idx, events in messages.items()})
+
+
+def request_id_of(pending: Pending) -> str | None:
+    """A generation request's id (its stream events carry it); None for models without ids."""
+    return getattr(getattr(pending, "params", None), "request_id", None)
 
 
 def no_progress(group: Group, step: int, group_started: float, previews=None) -> None:

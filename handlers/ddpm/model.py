@@ -238,7 +238,7 @@ class DdpmModel(ServedModel):
         if pending.png:
             return Outcome(response=encode_png(pils[0], pnginfo=infos[0]), content_type=PNG_TYPE)
         body = {"images": [b64_png(p, pnginfo=info) for p, info in zip(pils, infos)], "seed": req.seed,
-                "steps": req.steps, "scheduler": req.scheduler}
+                "steps": req.steps, "scheduler": req.scheduler, "request_id": req.request_id}
         if req.scheduler == "ddim":
             body["eta"] = req.eta
         if req.trajectory:

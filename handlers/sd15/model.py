@@ -196,7 +196,7 @@ class Sd15Model(ServedModel):
             "images": [None if flag else b64_png(p, pnginfo=info) for p, flag, info in zip(pils, nsfw, infos)],
             "seed": req.seed, "steps": req.steps, "scheduler": req.scheduler,
             "guidance_scale": req.guidance_scale, "width": req.width, "height": req.height,
-            "mode": req.mode, "warnings": warnings,
+            "mode": req.mode, "warnings": warnings, "request_id": req.request_id,
         }
         if req.mode != "txt2img":
             body["strength"] = req.strength

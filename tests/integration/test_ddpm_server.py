@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -44,6 +45,24 @@ def test_seeded_request_same_alone_and_batched(server):
     assert int(responses[0].headers["X-Batch-Size"]) > 1
     for a, b in zip(alone["images"], responses[0].json()["images"]):
         assert np.abs(decode(a) - decode(b)).max() <= 1
+
+
+def test_an_id_in_flight_is_refused_by_every_worker(server):
+    """While a streamed request runs on one worker (its first events have arrived, its result has
+    not), a request with its id is refused 409 by whichever worker takes it; afterwards the id is
+    free again, and every event of the stream carries it."""
+    rid = f"served-{uuid.uuid4().hex[:12]}"
+    events = server.client.stream("ddpm", {"steps": 1000, "seed": 1, "stream": True, "preview_every": 0,
+                                           "request_id": rid})
+    seen = [next(events), next(events)]  # admission (step 0), then step 1: running
+    assert [e["step"] for e in seen] == [0, 1]
+    twins = [server.client.predict_raw("ddpm", {"steps": 2, "seed": s, "request_id": rid}) for s in range(3)]
+    seen += list(events)
+    assert seen[-1]["event"] == "result" and seen[-1]["response"]["request_id"] == rid
+    assert {e["request_id"] for e in seen} == {rid}
+    assert [t.status_code for t in twins] == [409] * 3 and {t.json()["field"] for t in twins} == {"request_id"}
+    again = server.client.predict_raw("ddpm", {"steps": 2, "seed": 1, "request_id": rid})
+    assert again.status_code == 200 and again.json()["request_id"] == rid
 
 
 def test_mixed_parameters_in_one_batch(server):

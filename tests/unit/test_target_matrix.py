@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 
 import numpy as np
 import pytest
@@ -167,7 +168,9 @@ def test_ordinary_request_and_a_batch_of_two(loaded):
 def test_streaming_with_previews(loaded, monkeypatch):
     model, _, handler, ctx = loaded
     base = DDPM_BASE if model == "ddpm" else SD_BASE
-    events = stream(handler, ctx, {**base, "seed": 5, "stream": True, "preview_every": 2}, monkeypatch)
+    rid = f"matrix-{uuid.uuid4().hex[:12]}"
+    events = stream(handler, ctx, {**base, "seed": 5, "stream": True, "preview_every": 2, "request_id": rid}, monkeypatch)
+    assert {e["request_id"] for e in events} == {rid} and events[-1]["response"]["request_id"] == rid
     kinds = [e["event"] for e in events]
     assert kinds[0] == "progress" and kinds[-1] == "result", kinds
     assert "preview" in kinds
