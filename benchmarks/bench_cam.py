@@ -71,15 +71,13 @@ def stages_ms(model, pngs: list[bytes]) -> dict:
 
     pendings = parse()
     group = Group(shared=pendings[0].params.shared(), requests=pendings)
-    shown = [model.crop(img.convert("RGB")) for img in group.per_image("decoded")]
-    batch = torch.stack([model.to_tensor(img) for img in shown])
+    shown, batch = model.preprocess(group.per_image("decoded"))
     probs, chosen, maps = model.fast_cam(batch, group.per_image("target"))
     full = upsample_maps(maps, tuple(batch.shape[-2:])).numpy()
     results = [(shown[i], probs[i], int(chosen[i]), maps[i], full[i]) for i in range(len(pngs))]
     t = interleaved({
         "decode": parse,
-        "preprocess": lambda: torch.stack([model.to_tensor(model.crop(img.convert("RGB")))
-                                           for img in group.per_image("decoded")]),
+        "preprocess": lambda: model.preprocess(group.per_image("decoded")),
         "forward_cam": lambda: model.fast_cam(batch, group.per_image("target")),
         "upsample": lambda: upsample_maps(maps, tuple(batch.shape[-2:])).numpy(),
         "answer": lambda: [model.respond(p, [r]) for p, r in zip(pendings, results)],
@@ -127,8 +125,7 @@ def run() -> dict:
     torch.set_num_threads(cpu_threads)
     images, _ = digits.load_arrays()
     pngs = [png_bytes(digits.to_pil(im, 64)) for im in images[:batch_size]]
-    batch = torch.stack([handler.model.to_tensor(handler.model.crop(digits.to_pil(im, 64).convert("RGB")))
-                         for im in images[:batch_size]])
+    _, batch = handler.model.preprocess([digits.to_pil(im, 64) for im in images[:batch_size]])
     targets = [None] * batch_size
     gradcam = GradCAM(model=handler.model.net, target_layers=[handler.model.net.layer4])
     gc_targets = [ClassifierOutputTarget(0)] * batch_size

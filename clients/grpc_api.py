@@ -162,13 +162,21 @@ class GrpcClient:
         self.pb = protos()
         self._channels = [grpc.insecure_channel(a, options=CHANNEL_OPTIONS)
                           for a in (address_inference, address_management)]
-        self._inference = self.pb.inference_pb2_grpc.InferenceAPIsServiceStub(self._channels[0])
-        self._management = self.pb.management_pb2_grpc.ManagementAPIsServiceStub(self._channels[1])
+        # TorchServe's own service stubs, for the calls this client has no method for
+        # (e.g. StreamPredictions2); call them with `metadata=self.metadata(self.keys.inference)`.
+        self.inference = self.pb.inference_pb2_grpc.InferenceAPIsServiceStub(self._channels[0])
+        self.management = self.pb.management_pb2_grpc.ManagementAPIsServiceStub(self._channels[1])
+
+    @staticmethod
+    def metadata(key: str | None) -> list | None:
+        """The call metadata TorchServe's token authorization reads."""
+        return [("authorization", f"Bearer {key}")] if key else None
 
     def _call(self, method, request, key: str | None):
-        return method(request, metadata=[("authorization", f"Bearer {key}")] if key else None, timeout=self.timeout)
+        return method(request, metadata=self.metadata(key), timeout=self.timeout)
 
-    def _request(self, model: str, body: dict | bytes, version: str | None):
+    def predictions_request(self, model: str, body: dict | bytes, version: str | None = None):
+        """A PredictionsRequest: body a dict (sent as JSON) or raw bytes."""
         data = body if isinstance(body, (bytes, bytearray)) else json.dumps(body).encode()
         return self.pb.inference_pb2.PredictionsRequest(model_name=model, model_version=version or "",
                                                         input={"data": bytes(data)})
@@ -176,17 +184,17 @@ class GrpcClient:
     # inference --------------------------------------------------------------------------
     def ping(self) -> dict:
         """TorchServe's health, as GET /ping answers it: {'status': 'Healthy'}."""
-        return json.loads(self._call(self._inference.Ping, empty_pb2.Empty(), self.keys.inference).health)
+        return json.loads(self._call(self.inference.Ping, empty_pb2.Empty(), self.keys.inference).health)
 
     def predict(self, model: str, body: dict | bytes, version: str | None = None) -> dict | bytes:
         """One Predictions call. body: a dict (sent as JSON) or raw bytes (a PNG). Returns the
         answer's JSON, or its bytes when it is not JSON; GrpcRequestError when the model refused it."""
-        reply = self._call(self._inference.Predictions, self._request(model, body, version), self.keys.inference)
+        reply = self._call(self.inference.Predictions, self.predictions_request(model, body, version), self.keys.inference)
         return _decoded(reply.prediction, f"Predictions {model}@{self.address_inference}")
 
     def stream_predictions(self, model: str, body: dict | bytes, version: str | None = None) -> Iterator[bytes]:
         """StreamPredictions: each message's prediction bytes (GrpcRequestError for an error body)."""
-        replies = self._call(self._inference.StreamPredictions, self._request(model, body, version),
+        replies = self._call(self.inference.StreamPredictions, self.predictions_request(model, body, version),
                              self.keys.inference)
         for reply in replies:
             _decoded(reply.prediction, f"StreamPredictions {model}@{self.address_inference}")
@@ -197,7 +205,7 @@ class GrpcClient:
         """DescribeModel: the same JSON as GET /models/<model>[?customized=true] (one entry per version)."""
         request = self.pb.management_pb2.DescribeModelRequest(model_name=model, model_version=version or "",
                                                               customized=customized)
-        return json.loads(self._call(self._management.DescribeModel, request, self.keys.management).msg)
+        return json.loads(self._call(self.management.DescribeModel, request, self.keys.management).msg)
 
     def list_models(self, page_size: int = 100) -> list[dict]:
         """Every registered model ({'modelName', 'modelUrl'}), page after page. The pages are asked for
@@ -208,7 +216,7 @@ class GrpcClient:
         models, token = [], 0
         while True:
             request = self.pb.management_pb2.ListModelsRequest(limit=page_size, next_page_token=token)
-            page = json.loads(self._call(self._management.ListModels, request, self.keys.management).msg)
+            page = json.loads(self._call(self.management.ListModels, request, self.keys.management).msg)
             models += page.get("models", [])
             if "nextPageToken" not in page:
                 return models

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from ts.protocol.otf_message_handler import create_predict_response
 
+from handlers.adapter.torchserve import TS_STREAM_NEXT
+
 
 @dataclass
 class Answer:
@@ -67,7 +69,7 @@ class ContinuousWorker:
             ans = self.answers[rid]
             ans.chunks.append(ret[idx])
             ans.calls += 1
-            nxt = self.ctx.get_response_headers(idx).get("ts_stream_next")
+            nxt = self.ctx.get_response_headers(idx).get(TS_STREAM_NEXT)
             if self.routes[rid] == "grpc" and nxt != "false":
                 raise AssertionError(f"{rid}: a gRPC answer without ts_stream_next false (dropped or a frontend NPE)")
             if first and nxt == "false" and self.routes[rid] != "grpc":

@@ -92,9 +92,14 @@ class CamModel(ServedModel):
             raise ValueError(f"cam: quantize must be int8 or null, got {self.config['quantize']!r}")
         if self.device.type != "cpu" or self.dtype != torch.float32:
             raise ValueError("cam: quantize: int8 runs on the CPU, around float32 (deviceType cpu, dtype_cpu float32)")
-        images = quantize.calibration_images(wdir)
-        batch = torch.stack([self.to_tensor(self.crop(img)) for img in images])
+        _, batch = self.preprocess(quantize.calibration_images(wdir))
         return quantize.quantized_trunk(self.net, self.target_layer, self.config["quantized_engine"], batch)
+
+    def preprocess(self, images: list[Image.Image]) -> tuple[list[Image.Image], torch.Tensor]:
+        """Each image as the model sees it (RGB, cropped: the overlay is drawn on it) and the batch
+        tensor of them: the one preprocessing of requests, calibration and benchmarks."""
+        shown = [self.crop(img.convert("RGB")) for img in images]
+        return shown, torch.stack([self.to_tensor(img) for img in shown])
 
     @property
     def precision(self) -> str:
@@ -167,8 +172,7 @@ class CamModel(ServedModel):
 
     def run_group(self, group: Group, progress=None) -> list[tuple]:
         """Per image: (the cropped picture the model saw, probabilities, target, coarse map, full map)."""
-        shown = [self.crop(img.convert("RGB")) for img in group.per_image("decoded")]
-        batch = torch.stack([self.to_tensor(img) for img in shown])
+        shown, batch = self.preprocess(group.per_image("decoded"))
         targets = group.per_image("target")
         if group.shared["method"] == FAST_METHOD:
             probs, chosen, maps = self.fast_cam(batch, targets)

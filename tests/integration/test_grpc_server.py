@@ -87,12 +87,12 @@ def test_stream_predictions2_fails_in_the_frontend_and_breaks_nothing(ts, grpc_c
     """StreamPredictions2 is for sequence batching, which these models do not use: TorchServe 0.12
     answers it with nothing (one empty message without a sequence id, an UNKNOWN error with one),
     and no worker is harmed."""
-    request = grpc_client.pb.inference_pb2.PredictionsRequest(
-        model_name="ddpm", sequence_id=sequence_id, input={"data": json.dumps(REQUESTS["ddpm"]).encode()})
-    metadata = [("authorization", f"Bearer {grpc_client.keys.inference}")]
+    request = grpc_client.predictions_request("ddpm", REQUESTS["ddpm"])
+    request.sequence_id = sequence_id
+    metadata = grpc_client.metadata(grpc_client.keys.inference)
     try:
-        answers = [m.prediction for m in grpc_client._inference.StreamPredictions2(iter([request]),
-                                                                                   metadata=metadata, timeout=60)]
+        answers = [m.prediction for m in grpc_client.inference.StreamPredictions2(iter([request]),
+                                                                                  metadata=metadata, timeout=60)]
     except grpc.RpcError as err:
         answers = [err.code()]
     assert answers in ([b""], [grpc.StatusCode.UNKNOWN], [grpc.StatusCode.INTERNAL]), answers
@@ -101,9 +101,8 @@ def test_stream_predictions2_fails_in_the_frontend_and_breaks_nothing(ts, grpc_c
 
 def test_bad_input_is_an_ok_status_with_the_error_body(ts, grpc_client):
     """TorchServe's gRPC job drops the status code: the body is the error, as over REST."""
-    raw = grpc_client._inference.Predictions(
-        grpc_client._request("ddpm", {"steps": 0}, None),
-        metadata=[("authorization", f"Bearer {grpc_client.keys.inference}")], timeout=60)
+    raw = grpc_client.inference.Predictions(grpc_client.predictions_request("ddpm", {"steps": 0}),
+                                            metadata=grpc_client.metadata(grpc_client.keys.inference), timeout=60)
     body = json.loads(raw.prediction)
     assert body["field"] == "steps" and body["error"]
     with pytest.raises(GrpcRequestError) as exc:
@@ -131,6 +130,6 @@ def test_management_calls(ts, grpc_client):
     for page_size in (1, 2, 100):
         assert sorted(m["modelName"] for m in grpc_client.list_models(page_size)) == sorted(MODELS)
     pb = grpc_client.pb.management_pb2
-    raw = grpc_client._management.ListModels(pb.ListModelsRequest(), timeout=30, metadata=[
-        ("authorization", f"Bearer {grpc_client.keys.management}")])
+    raw = grpc_client.management.ListModels(pb.ListModelsRequest(), timeout=30,
+                                            metadata=grpc_client.metadata(grpc_client.keys.management))
     assert json.loads(raw.msg)["models"] == []

@@ -23,8 +23,7 @@ def held_out(cam_handler) -> torch.Tensor:
     handler, _ = cam_handler
     images, _ = digits.load_arrays()
     _, test = digits.split_indices()
-    m = handler.model
-    return torch.stack([m.to_tensor(m.crop(digits.to_pil(images[i], 64).convert("RGB"))) for i in test])
+    return handler.model.preprocess([digits.to_pil(images[i], 64) for i in test])[1]
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import torch
 import yaml
 from PIL import Image
 
+from handlers.adapter.torchserve import TS_STREAM_NEXT
 from handlers.ddpm.handler import DdpmHandler
 from handlers.ddpm.request import SCHEDULERS
 from harness import REPO
@@ -284,7 +285,7 @@ def test_grpc_request_runs_whole_in_its_first_call(handlers):
     worker.submit("grpc", {"steps": 3, "seed": 2}, route="grpc")
     worker.drain()
     grpc, rest = worker.answers["grpc"], worker.answers["rest"]
-    assert (grpc.status, grpc.calls, grpc.headers["ts_stream_next"]) == (200, 1, "false")
+    assert (grpc.status, grpc.calls, grpc.headers[TS_STREAM_NEXT]) == (200, 1, "false")
     assert_same_response(grpc.body, static_alone(handlers, {"steps": 3, "seed": 2})[0])
     assert rest.status == 200 and rest.calls > 1
     assert_same_response(rest.body, static_alone(handlers, {"steps": 4, "seed": 1})[0])

@@ -8,11 +8,10 @@ import json
 
 import pytest
 
+from handlers.adapter.torchserve import TS_STREAM_NEXT
 from harness.inprocess import png_bytes
 from harness.traffic import without_ids
 from weights import digits
-
-TS_STREAM_NEXT = "ts_stream_next"
 
 
 def rest_and_grpc(handler, ctx, body) -> tuple:
