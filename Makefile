@@ -10,14 +10,16 @@ TARGETS := $(sort $(basename $(notdir $(wildcard model_configs/*/*.yaml))))
 # --ts-config, so recipes (tests, benchmarks: private servers with their own config) never see it.
 unexport TS_CONFIG_FILE
 
-.PHONY: help setup weights archive kserve quality start stop ui browser demo lint test test-unit test-integration test-arm64 bench reliability compare clean
+.PHONY: help setup weights archive kserve image test-image quality start stop ui browser demo lint test test-unit test-integration test-arm64 bench reliability compare clean
 
 help:
 	@echo "make setup                    create .venv: pip install -e '.[serve,train,dev,grpc]' (pins: pyproject.toml; checks Java 17)"
 	@echo "make weights  [PROFILE=demo|pretrained]   build/prepare the weights directories"
 	@echo "make archive  [PROFILE=..] [TARGET=$(subst $(eval) ,|,$(TARGETS))]   build .mar archives into model_store/"
 	@echo "make kserve   [PROFILE=..] [TARGET=..]   KServe storage layout -> outputs/kserve/<target>/ (docs/kserve.md)"
-	@echo "make start / make stop        run TorchServe with config.properties (waits until READY)"
+	@echo "make image    [TARGET=..]     the serving image (deploy/Dockerfile) with podman, base rootfs built here; prints its size"
+	@echo "make test-image               the image run with podman: served checks, SIGTERM drain, restart (docs/containers.md)"
+	@echo "make start [CONFIG=..] / make stop   run TorchServe with config.properties or CONFIG (waits until READY)"
 	@echo "make ui [UI_ARGS=...]         web playground on http://127.0.0.1:7860 (starts TorchServe if none answers)"
 	@echo "make demo                     everything on a fresh machine; outputs in outputs/"
 	@echo "make lint                     ruff check . (config in pyproject.toml)"
@@ -57,10 +59,35 @@ archive: weights
 kserve: archive
 	$(PY) -m deploy.kserve_layout --profile $(PROFILE) --target $(TARGET)
 
-# Workers import the handlers from the archives, not from this tree (no PYTHONPATH).
+# The serving image (deploy/Dockerfile, docs/containers.md) built with podman and no registry: its
+# base is a Debian bookworm rootfs debootstrapped once into IMAGE_CACHE (outside the clone) and
+# imported (deploy/image/base_rootfs.sh, which also installs podman, runc and debootstrap with apt).
+# PyPI is reached from the build with --network host. The size goes to benchmarks/results/image.json.
+IMAGE ?= localhost/torchserve-models:0.12.0-$(TARGET)
+IMAGE_BASE ?= localhost/torchserve-models-base:bookworm
+IMAGE_CACHE ?= $(HOME)/.cache/torchserve-models/image-base
+PODMAN = CONTAINERS_CONF=$(CURDIR)/deploy/image/containers.conf podman
+image: kserve
+	deploy/image/base_rootfs.sh $(IMAGE_CACHE) $(IMAGE_BASE)
+	@log=$$(mktemp); start=$$(date +%s); \
+	  { $(PODMAN) build --network host -f deploy/Dockerfile --build-arg BASE_IMAGE=$(IMAGE_BASE) \
+	      --build-arg TARGET=$(TARGET) -t $(IMAGE) . 2>&1; echo $$? > $$log.rc; } | tee $$log; \
+	  [ "$$(cat $$log.rc)" = 0 ] || { rm -f $$log $$log.rc; echo "make image: podman build of deploy/Dockerfile failed (above)"; exit 1; }; \
+	  $(PY) -m harness.image $(IMAGE) --base $(IMAGE_BASE) --build-seconds $$(( $$(date +%s) - start )) --log $$log; \
+	  rc=$$?; rm -f $$log $$log.rc; exit $$rc
+
+# The image run as an operator runs it (tests/image; not part of make test). Needs `make image`.
+test-image: archive
+	@command -v podman >/dev/null 2>&1 || { echo "make test-image: podman is missing: run make image first"; exit 1; }
+	@$(PODMAN) image exists $(IMAGE) || { echo "make test-image: no image $(IMAGE): run make image first"; exit 1; }
+	TS_IMAGE=$(IMAGE) $(PY) -m pytest tests/image -v -p no:cacheprovider
+
+# Workers import the handlers from the archives, not from this tree (no PYTHONPATH). CONFIG:
+# config.production.properties to serve other machines (docs/security.md).
+CONFIG ?= config.properties
 start: setup
 	@mkdir -p logs
-	env -u PYTHONPATH .venv/bin/torchserve --start --ncs --ts-config config.properties > logs/torchserve.out 2>&1
+	env -u PYTHONPATH .venv/bin/torchserve --start --ncs --ts-config $(CONFIG) > logs/torchserve.out 2>&1
 	$(PY) -m clients.manage wait --timeout 600
 
 stop:

@@ -7,15 +7,16 @@ writes DIR (default outputs/kserve/<target>/):
     config/config.properties     KServe's runtime reads /mnt/models/config/config.properties
     model-store/cam.mar ddpm.mar sd15/     (hard links to model_store/ when possible)
 
-KServe's `kserve-torchserve` ClusterServingRuntime (kserve/kserve config/runtimes/
-kserve-torchserve.yaml) runs `torchserve --start --model-store=/mnt/models/model-store
---ts-config=/mnt/models/config/config.properties` with `TS_SERVICE_ENVELOPE` = kserve (v1) or
-kservev2 (v2); TorchServe reads that variable only with `enable_envvars_config=true`. The
-pytorch/torchserve-kfs image's wrapper (pytorch/serve kubernetes/kserve/kserve_wrapper) serves
-KServe's port 8080 and forwards to `inference_address` (8085) and asks `management_address`
-whether the workers are READY, both read from this same file, so both stay on loopback: nothing
-but the wrapper in the same pod needs them. Metrics listen on 8082 for Prometheus (KServe's
-runtime annotates prometheus.kserve.io/port: "8082").
+The project's own ClusterServingRuntime (deploy/kserve/servingruntime.yaml, RUNTIME_NAME) runs
+the project's image with RUNTIME_ARGS (`torchserve --start --foreground --ncs
+--model-store=/mnt/models/model-store --ts-config=/mnt/models/config/config.properties`) and
+RUNTIME_ENV: `TS_SERVICE_ENVELOPE` = kserve (v1) or kservev2 (v2), which TorchServe 0.12's own
+frontend serves, and `TS_INFERENCE_ADDRESS`, which moves inference from this file's loopback
+8085 to the pod's 8080, where KServe sends requests. TorchServe reads both variables only with
+`enable_envvars_config=true`. KServe's retired `kserve-torchserve` runtime ran the same command
+line without those two flags and put its own wrapper on 8080 in front of 8085; the layout still
+serves it unchanged. Management stays on loopback (nothing outside the pod needs it). Metrics
+listen on 8082 for Prometheus (the runtime annotates prometheus.kserve.io/port: "8082").
 
 harness/kserve.py (tests) starts a real TorchServe from such a layout with the same command
 line and environment.
@@ -37,23 +38,28 @@ from deploy.targets import config_path, models
 MOUNT = "/mnt/models"
 STORE_PATH = f"{MOUNT}/model-store"
 CONFIG_PATH = f"{MOUNT}/config/config.properties"
-INFERENCE_PORT = 8085   # TorchServe inference, behind the wrapper's 8080
+INFERENCE_PORT = 8085   # TorchServe inference in this file; the runtime moves it (RUNTIME_ENV)
 MANAGEMENT_PORT = 8081  # loopback only: never outside the pod
 METRICS_PORT = 8082
 GRPC_INFERENCE_PORT = 7070
 GRPC_MANAGEMENT_PORT = 7071
-KSERVE_HTTP_PORT = 8080  # what KServe's wrapper (and so the InferenceService) serves
+KSERVE_HTTP_PORT = 8080  # where KServe sends an InferenceService's requests in the pod
 ENVELOPES = {"v1": "kserve", "v2": "kservev2"}
-# KServe's runtime: args and environment of the kserve-container (kserve-torchserve.yaml).
-RUNTIME_ARGS = ["torchserve", "--start", f"--model-store={STORE_PATH}", f"--ts-config={CONFIG_PATH}"]
+# The project's runtime (deploy/kserve/servingruntime.yaml): the kserve-container's args and
+# environment. TS_SERVICE_ENVELOPE comes from the InferenceService's protocolVersion
+# (ENVELOPES), through KServe's serviceEnvelope label.
+RUNTIME_NAME = "torchserve-models"
+RUNTIME_ARGS = ["torchserve", "--start", "--foreground", "--ncs", f"--model-store={STORE_PATH}",
+                f"--ts-config={CONFIG_PATH}"]
+RUNTIME_ENV = {"TS_SERVICE_ENVELOPE": "{{.Labels.serviceEnvelope}}",
+               "TS_INFERENCE_ADDRESS": f"http://0.0.0.0:{KSERVE_HTTP_PORT}"}
 SNAPSHOT_KEYS = ("minWorkers", "maxWorkers", "batchSize", "maxBatchDelay", "responseTimeout", "startupTimeout")
 
 
 def mar_name(model: str, target: str) -> str:
     """What archive.sh writes and model_snapshot's marName names: <model>.mar, or the directory
     <model>/ when the model's config says `archive_format: no-archive` (sd15). TorchServe loads a directory in the model store as an unpacked archive
-    (its MAR-INF/MANIFEST.json), from a snapshot too; KServe's wrapper accepts directories and
-    .mar files in the model store (kserve_wrapper/TorchserveModel.py load())."""
+    (its MAR-INF/MANIFEST.json), from a snapshot too."""
     cfg = yaml.safe_load(config_path(model, target).read_text())
     return model if cfg.get("archive_format") == "no-archive" else f"{model}.mar"
 
@@ -83,9 +89,10 @@ def config_properties(target: str, names: list[str]) -> dict[str, str]:
         "grpc_management_port": str(GRPC_MANAGEMENT_PORT),
         # TS_SERVICE_ENVELOPE (set by KServe) is read only with this on.
         "enable_envvars_config": "true",
-        # Token auth off: KServe's wrapper cannot send TorchServe's token (pytorch/serve #3301).
-        # Safe because management and inference listen on loopback inside the pod; the
-        # InferenceService's 8080 sits behind the cluster's authentication (docs/kserve.md).
+        # Token auth off: TorchServe makes new keys in every pod at start (key_file.json), which
+        # no client, probe or KServe component outside the pod can know (pytorch/serve #3301).
+        # Management stays on loopback inside the pod; the InferenceService's 8080 sits behind
+        # the cluster's authentication (docs/kserve.md).
         "disable_token_authorization": "true",
         "enable_model_api": "false",
         "install_py_dep_per_model": "false",
@@ -101,7 +108,8 @@ def config_properties(target: str, names: list[str]) -> dict[str, str]:
 
 def render(props: dict[str, str]) -> str:
     head = ("# KServe storage layout config (deploy/kserve_layout.py; `make kserve`). KServe's runtime runs\n"
-            f"#   {' '.join(RUNTIME_ARGS)}\n# with TS_SERVICE_ENVELOPE=kserve (v1) or kservev2 (v2).\n")
+            f"#   {' '.join(RUNTIME_ARGS)}\n# with TS_SERVICE_ENVELOPE=kserve (v1) or kservev2 (v2) and "
+            f"TS_INFERENCE_ADDRESS={RUNTIME_ENV['TS_INFERENCE_ADDRESS']}.\n")
     return head + "".join(f"{k}={v}\n" for k, v in props.items())
 
 

@@ -54,6 +54,17 @@ def png_bytes(img) -> bytes:
     return buf.getvalue()
 
 
+def held_out_digit(path: Path) -> int:
+    """The first held-out demo digit written to `path` as a 64 px PNG; returns its label."""
+    from weights import digits
+
+    images, labels = digits.load_arrays()
+    _, test = digits.split_indices()
+    i = int(test[0])
+    Path(path).write_bytes(png_bytes(digits.to_pil(images[i], 64)))
+    return int(labels[i])
+
+
 def pixels(b64_png: str) -> np.ndarray:
     """An answer's base64 PNG as an int array (differences do not wrap)."""
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64_png))), dtype=int)

@@ -1,9 +1,10 @@
 """TorchServe started exactly as KServe's runtime starts it, from a storage layout written by
 deploy/kserve_layout.py (`make kserve`), for the tests.
 
-`KServeTorchServe` runs KServe's command line (deploy.kserve_layout.RUNTIME_ARGS) and environment,
-changing only what must differ on a shared machine: the port numbers and the directory (see
-`local_config`).
+`KServeTorchServe` runs the project's KServe runtime's command line and environment
+(deploy.kserve_layout.RUNTIME_ARGS, RUNTIME_ENV), changing only what must differ on a shared
+machine: the port numbers, the directory (see `local_config`) and the inference address, on
+loopback instead of the pod's 0.0.0.0.
 """
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ from deploy.kserve_layout import ENVELOPES, parse_properties, render
 
 
 def local_config(props: dict[str, str], ports: dict[str, int], store: Path) -> dict[str, str]:
-    """The layout's config with only the port numbers and the model store path changed."""
+    """The layout's config with only the port numbers and the model store path changed. The
+    inference address is left as it is: TS_INFERENCE_ADDRESS moves it, as in the pod."""
     out = dict(props)
-    out["inference_address"] = f"http://127.0.0.1:{ports['inference']}"
     out["management_address"] = f"http://127.0.0.1:{ports['management']}"
     out["metrics_address"] = f"http://127.0.0.1:{ports['metrics']}"  # loopback on a shared machine
     out["grpc_inference_port"] = str(ports["grpc_i"])
@@ -36,10 +37,11 @@ def local_config(props: dict[str, str], ports: dict[str, int], store: Path) -> d
 class KServeTorchServe:
     """`with KServeTorchServe(layout, protocol="v2") as ts: requests.post(ts.url + ...)`.
 
-    Copies the layout's config with free ports into a temp dir, then runs KServe's command line
-    (`torchserve --start --model-store=... --ts-config=...`, no --foreground, no --ncs) with
-    TS_SERVICE_ENVELOPE set, from that directory; waits until every model has a READY worker
-    (what KServe's wrapper waits for); stops the whole process group on exit, also on failure.
+    Copies the layout's config with free ports into a temp dir, then runs the runtime's command
+    line (`torchserve --start --foreground --ncs --model-store=... --ts-config=...`) with
+    TS_SERVICE_ENVELOPE and TS_INFERENCE_ADDRESS set, from that directory; waits until every
+    model has a READY worker (what the runtime's readiness probe, /ping, waits for); stops the
+    whole process group on exit, also on failure.
     """
 
     def __init__(self, layout: Path, protocol: str, overrides: dict[str, dict] | None = None,
@@ -78,7 +80,7 @@ class KServeTorchServe:
         self.models = list(json.loads(props["model_snapshot"])["models"])
         self.args = self.command(store, self.config)
         inherited = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TS_CONFIG_FILE")}
-        self.env = dict(inherited, TS_SERVICE_ENVELOPE=self.envelope, TMPDIR=str(self.tmp), TEMP=str(self.tmp),
+        self.env = dict(inherited, **self.runtime_env(), TMPDIR=str(self.tmp), TEMP=str(self.tmp),
                         TMP=str(self.tmp), PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}",
                         JAVA_TOOL_OPTIONS=f"-Djava.io.tmpdir={self.tmp}", **self.extra_env)
         self.log = open(self.dir / "stdout.log", "ab")
@@ -91,10 +93,15 @@ class KServeTorchServe:
             raise
         return self
 
+    def runtime_env(self) -> dict[str, str]:
+        """The runtime's environment (RUNTIME_ENV) for this instance: the envelope KServe's label
+        gives this protocol, inference on this instance's loopback port."""
+        return {"TS_SERVICE_ENVELOPE": self.envelope, "TS_INFERENCE_ADDRESS": self.url}
+
     @staticmethod
     def command(store, config) -> list[str]:
-        """KServe's runtime args (RUNTIME_ARGS) with this instance's two paths."""
-        return ["torchserve", "--start", f"--model-store={store}", f"--ts-config={config}"]
+        """The runtime's args (RUNTIME_ARGS) with this instance's two paths."""
+        return ["torchserve", "--start", "--foreground", "--ncs", f"--model-store={store}", f"--ts-config={config}"]
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -125,7 +132,7 @@ class KServeTorchServe:
     def stop(self) -> None:
         if self.proc is None:
             return
-        try:  # `torchserve --start` returns; the frontend stays in the process group we created
+        try:  # the launcher and the frontend (and its workers) share the process group we created
             os.killpg(self.proc.pid, signal.SIGTERM)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:

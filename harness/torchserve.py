@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from clients.api import TorchServeClient
+from deploy.kserve_layout import parse_properties
 from harness import REPO
 
 VENV_BIN = REPO / ".venv" / "bin"
@@ -30,6 +31,25 @@ def key_file_written(path: Path) -> bool:
         return bool(json.loads(Path(path).read_text()))
     except (FileNotFoundError, ValueError):
         return False
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """A TorchServe .properties file's settings (comments and blank lines left out)."""
+    return parse_properties(Path(path).read_text())
+
+
+def wait_listening(client: TorchServeClient, timeout: float = 60.0) -> None:
+    """Until the management API answers: TorchServe writes its key file before it binds the
+    listeners, so a client that waited for the file may still find nothing listening."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.list_models()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def free_port() -> int:
@@ -63,11 +83,7 @@ class TorchServeInstance:
         self.proc: subprocess.Popen | None = None
 
     def _config(self) -> str:
-        props = {}
-        for line in (REPO / "config.properties").read_text().splitlines():
-            if line.strip() and not line.lstrip().startswith("#") and "=" in line:
-                key, value = line.split("=", 1)
-                props[key.strip()] = value.strip()
+        props = read_properties(REPO / "config.properties")
         self.ports = {k: free_port() for k in ("inference", "management", "metrics", "grpc_i", "grpc_m")}
         props.update(
             inference_address=f"http://127.0.0.1:{self.ports['inference']}",

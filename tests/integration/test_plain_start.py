@@ -16,10 +16,6 @@ killed afterwards.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import subprocess
 import time
 from pathlib import Path
 from urllib.parse import urlparse
@@ -28,22 +24,16 @@ import pytest
 import yaml
 
 from harness import REPO
-from harness.inprocess import png_bytes
-from harness.torchserve import key_file_written
-from weights import digits
+from harness.inprocess import held_out_digit
+from harness.netns import ACTIVATE, Unavailable, namespace, user_env
+from harness.torchserve import key_file_written, read_properties
 
-ACTIVATE = REPO / ".venv" / "bin" / "activate"
-NETNS_NEEDED = ("needs root and `unshare -n` to get a network namespace of its own: the test must "
-                "bind config.properties' fixed ports, which a `make start` server may hold")
+NETNS_NEEDED = ("needs a network namespace of its own: the test must bind config.properties' "
+                "fixed ports, which a `make start` server may hold")
 
 
 def properties() -> dict:
-    props = {}
-    for line in (REPO / "config.properties").read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#") and "=" in line:
-            key, value = line.split("=", 1)
-            props[key.strip()] = value.strip()
-    return props
+    return read_properties(REPO / "config.properties")
 
 
 def ports(props: dict) -> list[int]:
@@ -52,58 +42,13 @@ def ports(props: dict) -> list[int]:
                                                int(props["grpc_management_port"])]
 
 
-class NetNs:
-    """A network namespace held by a sleeping process (`holder`); `enter` prefixes a command
-    that runs in it."""
-
-    def __init__(self, holder: subprocess.Popen):
-        self.holder = holder
-        self.enter = ["nsenter", "-t", str(holder.pid), "-n"]
-        self.ns = os.readlink(f"/proc/{holder.pid}/ns/net")
-
-    def others(self) -> list[int]:
-        """The processes in the namespace besides the holder (they all entered it through us)."""
-        pids = []
-        for proc in Path("/proc").iterdir():
-            if proc.name.isdigit() and int(proc.name) != self.holder.pid:
-                try:
-                    if os.readlink(proc / "ns" / "net") == self.ns:
-                        pids.append(int(proc.name))
-                except OSError:  # exited, or a kernel thread
-                    pass
-        return pids
-
-
 @pytest.fixture
 def netns():
-    if os.geteuid() != 0:
-        pytest.skip(f"{NETNS_NEEDED} (not running as root)")
-    missing = [tool for tool in ("unshare", "nsenter", "ip") if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"{NETNS_NEEDED} ({', '.join(missing)} not found; unshare and nsenter come "
-                    "with util-linux, ip with iproute2)")
-    holder = subprocess.Popen(
-        ["unshare", "-n", "sh", "-c", "ip link set lo up && echo up && exec sleep infinity"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if holder.stdout.readline().strip() != "up":  # `up` once lo is up in the new namespace
-        holder.kill()
-        _, err = holder.communicate(timeout=10)
-        pytest.skip(f"{NETNS_NEEDED} (`unshare -n` + `ip link set lo up` failed: {err.strip()})")
-    ns = NetNs(holder)
     try:
-        assert ns.ns != os.readlink("/proc/self/ns/net"), "unshare -n left the host's namespace"
-        yield ns
-    finally:
-        for pid in ns.others():  # what the test left running: TorchServe's java, its workers
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + 10
-        while ns.others() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        holder.kill()
-        holder.communicate(timeout=10)
+        with namespace() as ns:
+            yield ns
+    except Unavailable as err:
+        pytest.skip(f"{NETNS_NEEDED} ({err})")
 
 
 def stale_snapshot(root: Path) -> None:
@@ -119,30 +64,15 @@ def stale_snapshot(root: Path) -> None:
         f"model_snapshot={json.dumps(snapshot)}\n")
 
 
-def shell(netns: NetNs, root: Path, env: dict, command: str, log: Path, timeout: float) -> int:
-    """A user's shell in the namespace: the venv activated, in root."""
-    # The daemon inherits stdout: write it to a file, never to a pipe this test would wait on.
-    with open(log, "ab") as out:
-        return subprocess.run([*netns.enter, "bash", "-c", f'source "{ACTIVATE}" && cd "{root}" && {command}'],
-                              env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout).returncode
-
-
 # The client's side, run in the namespace (the server's ports are only there): waits for the
 # listeners and the model, then lists, describes and asks; prints what it saw as JSON.
 CLIENT = """
-import json, sys, time
+import json, sys
 from clients.api import TorchServeClient
+from harness.torchserve import wait_listening
 inference, management, metrics, key_file, image = sys.argv[1:]
 client = TorchServeClient(inference, management, metrics, key_file=key_file)
-deadline = time.monotonic() + 30
-while True:  # the key file is written before the listeners are bound
-    try:
-        client.list_models()
-        break
-    except OSError:
-        if time.monotonic() > deadline:
-            raise
-        time.sleep(0.5)
+wait_listening(client)
 (desc,) = client.wait_ready(["cam"], timeout=180)
 models = [m["modelName"] for m in client.list_models()]
 with open(image, "rb") as f:
@@ -161,31 +91,20 @@ def test_plain_torchserve_start_serves_the_store(tmp_path, netns):
     root = tmp_path / "root"  # laid out like the repo root
     (root / "model_store").mkdir(parents=True)
     (root / "model_store" / "cam.mar").symlink_to(archive)
-    (root / "tmp").mkdir()
     stale_snapshot(root)
-    # A user's shell: no TS_CONFIG_FILE before activate, no PYTHONPATH (handlers come from the
-    # archive). TMPDIR/TEMP private: its own pid file (so --stop stops this server only) and
-    # worker sockets.
-    env = {k: v for k, v in os.environ.items() if k not in ("TS_CONFIG_FILE", "PYTHONPATH")}
-    env.update(TMPDIR=str(root / "tmp"), TEMP=str(root / "tmp"), TMP=str(root / "tmp"))
+    env = user_env(root)
     log = tmp_path / "torchserve.out"
-    images, labels = digits.load_arrays()
-    _, test = digits.split_indices()
-    i = int(test[0])
     image = tmp_path / "digit.png"
-    image.write_bytes(png_bytes(digits.to_pil(images[i], 64)))
+    label = held_out_digit(image)
 
     try:
-        assert shell(netns, root, env, "torchserve --start", log, 120) == 0, log.read_text()[-3000:]
+        assert netns.shell(root, env, "torchserve --start", log, 120) == 0, log.read_text()[-3000:]
         deadline = time.monotonic() + 120
         while not key_file_written(root / "key_file.json"):
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)
-        client = subprocess.run(
-            [*netns.enter, str(REPO / ".venv" / "bin" / "python"), "-c", CLIENT,
-             props["inference_address"], props["management_address"], props["metrics_address"],
-             str(root / "key_file.json"), str(image)],
-            cwd=REPO, capture_output=True, text=True, timeout=400)
+        client = netns.python(CLIENT, props["inference_address"], props["management_address"],
+                              props["metrics_address"], str(root / "key_file.json"), str(image), timeout=400)
         assert client.returncode == 0, client.stderr[-3000:] + "\n" + log.read_text()[-3000:]
         seen = json.loads(client.stdout.splitlines()[-1])
         text = log.read_text()
@@ -197,9 +116,9 @@ def test_plain_torchserve_start_serves_the_store(tmp_path, netns):
         desc = seen["desc"]
         assert (desc["batchSize"], desc["maxBatchDelay"]) == (cfg["batchSize"], cfg["maxBatchDelay"])
         assert seen["status"] == 200, seen["text"]
-        assert json.loads(seen["text"])["predictions"][0]["index"] == int(labels[i])
+        assert json.loads(seen["text"])["predictions"][0]["index"] == label
     finally:
-        shell(netns, root, env, "torchserve --stop", log, 60)
+        netns.shell(root, env, "torchserve --stop", log, 60)
         deadline = time.monotonic() + 30
         while netns.others() and time.monotonic() < deadline:
             time.sleep(0.5)

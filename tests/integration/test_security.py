@@ -18,7 +18,7 @@ from PIL import Image
 
 from clients.api import TorchServeClient
 from harness import REPO
-from harness.torchserve import TorchServeInstance
+from harness.torchserve import TorchServeInstance, read_properties
 
 LIMIT = 1024 * 1024
 
@@ -36,8 +36,7 @@ def small_png() -> bytes:
 
 
 def test_config_binds_loopback_only():
-    props = dict(line.split("=", 1) for line in (REPO / "config.properties").read_text().splitlines()
-                 if "=" in line and not line.startswith("#"))
+    props = read_properties(REPO / "config.properties")
     for key in ("inference_address", "management_address", "metrics_address"):
         assert props[key].startswith("http://127.0.0.1:"), key
     for key in ("grpc_inference_address", "grpc_management_address"):

@@ -69,11 +69,15 @@ def port(url):
 
 def test_every_manifest_is_found():
     kinds = sorted({d["kind"] for _, d in manifests()})
-    assert kinds == ["Deployment", "HorizontalPodAutoscaler", "InferenceService", "NetworkPolicy", "Service"]
+    assert kinds == ["ClusterServingRuntime", "Deployment", "HorizontalPodAutoscaler", "InferenceService",
+                     "NetworkPolicy", "Service"]
     assert len(of_kind("InferenceService")) == 3
 
 
-@pytest.mark.parametrize("path,doc", [(p, d) for p, d in manifests() if d["kind"] != "InferenceService"],
+KSERVE_KINDS = ("InferenceService", "ClusterServingRuntime")
+
+
+@pytest.mark.parametrize("path,doc", [(p, d) for p, d in manifests() if d["kind"] not in KSERVE_KINDS],
                          ids=lambda v: getattr(v, "name", None) or v.get("kind"))
 def test_kubernetes_objects_validate(path, doc):
     kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
@@ -107,7 +111,7 @@ def test_inference_services_match_the_kserve_layout_and_runtime():
     for path, doc in of_kind("InferenceService"):
         pred = doc["spec"]["predictor"]
         model = pred["model"]
-        assert model["runtime"] == "kserve-torchserve" and model["modelFormat"]["name"] == "pytorch"
+        assert model["runtime"] == ks.RUNTIME_NAME and model["modelFormat"]["name"] == "pytorch"
         # protocolVersion -> the TS_SERVICE_ENVELOPE the local tests set (ENVELOPES)
         assert model["protocolVersion"] in ks.ENVELOPES
         target = model["storageUri"].rstrip("/").rsplit("/", 1)[1]
@@ -131,9 +135,8 @@ def test_layout_config_is_what_kserve_needs_and_keeps_management_in_the_pod():
     assert port(cfg["inference_address"]) == ks.INFERENCE_PORT == 8085
     assert cfg["enable_envvars_config"] == "true" and "model_snapshot" in cfg
     assert cfg["model_store"] == ks.STORE_PATH
-    assert ks.RUNTIME_ARGS == ["torchserve", "--start", f"--model-store={ks.STORE_PATH}", f"--ts-config={ks.CONFIG_PATH}"]
     assert KServeTorchServe.command(ks.STORE_PATH, ks.CONFIG_PATH) == ks.RUNTIME_ARGS
-    # auth decision: token off (KServe's wrapper cannot send it), so nothing but metrics leaves the pod
+    # auth decision: token off (every pod makes its own keys); management stays in the pod
     assert cfg["disable_token_authorization"] == "true"
     for key in ("inference_address", "management_address"):
         assert urlparse(cfg[key]).hostname == "127.0.0.1", key
@@ -145,7 +148,7 @@ def test_deployment_runs_the_kserve_command_with_the_layout_ports():
     cfg = config()
     (_, dep), = of_kind("Deployment")
     c, = dep["spec"]["template"]["spec"]["containers"]
-    assert c["args"] == ks.RUNTIME_ARGS[:2] + ["--foreground"] + ks.RUNTIME_ARGS[2:]
+    assert c["args"] == ks.RUNTIME_ARGS
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert ports == {"inference": port(cfg["inference_address"]), "metrics": port(cfg["metrics_address"])}
     env = {e["name"]: e["value"] for e in c["env"]}
@@ -171,14 +174,57 @@ def test_hpa_metric_is_the_adapter_rule():
     assert "ts_queue_latency_microseconds" in rule["metricsQuery"]
 
 
-def test_dockerfile_pins_python_and_runs_the_deployment_command():
+def test_dockerfile_pins_its_base_and_defaults_to_the_production_config():
+    """deploy/Dockerfile: a pinned default base (a build argument, `make image` passes its own),
+    the serve pins, tini + deploy/image/serve.py as the entry point with the production config by
+    default; the Deployment's and the runtime's args (RUNTIME_ARGS, starting with `torchserve`)
+    are what serve.py runs as is."""
     text = (DEPLOY / "Dockerfile").read_text()
-    base = re.search(r"^FROM (\S+)", text, re.M).group(1)
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M).group(1)
     assert re.fullmatch(r"python:\d+\.\d+\.\d+-slim-\w+", base), base
-    assert "pip install --no-cache-dir -r /tmp/requirements.txt" in text
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)
+    assert "/opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt" in text
     assert re.search(r"^COPY .*outputs/kserve/\$\{TARGET\}/ /mnt/models/$", text, re.M)
+    assert re.search(r"^COPY config\.production\.properties (\S+)$", text, re.M)
+    installed = re.search(r"^COPY config\.production\.properties (\S+)$", text, re.M).group(1)
+    entry = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M).group(1))
+    assert entry[:2] == ["/usr/bin/tini", "--"] and entry[-1].endswith("/serve.py")
     cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))
+    assert f"--ts-config={installed}" in cmd
+    assert re.search(r"^USER (?!root)\S+$", text, re.M)
+    serve = (DEPLOY / "image" / "serve.py").read_text()
+    assert 'if argv and argv[0] == "torchserve":\n        os.execvp(argv[0], argv)' in serve
     (_, dep), = of_kind("Deployment")
-    assert cmd == dep["spec"]["template"]["spec"]["containers"][0]["args"]
-    kfs = (DEPLOY / "Dockerfile.kserve").read_text()
-    assert re.search(r"^ARG BASE_IMAGE=pytorch/torchserve-kfs:0\.12\.0$", kfs, re.M)  # = torchserve==0.12.0
+    assert dep["spec"]["template"]["spec"]["containers"][0]["args"][0] == ks.RUNTIME_ARGS[0] == "torchserve"
+
+
+def test_serving_runtime_runs_what_the_local_kserve_mode_runs():
+    """The shipped ClusterServingRuntime's container = the command line and environment
+    harness/kserve.py runs for tests/integration/test_kserve_server.py, with only the address
+    differing (the pod's 0.0.0.0:8080 there, a free loopback port here)."""
+    (path, runtime), = of_kind("ClusterServingRuntime")
+    assert runtime["apiVersion"] == "serving.kserve.io/v1alpha1"
+    assert runtime["metadata"]["name"] == ks.RUNTIME_NAME
+    spec = runtime["spec"]
+    assert sorted(spec["protocolVersions"]) == sorted(ks.ENVELOPES)
+    assert [f["name"] for f in spec["supportedModelFormats"]] == ["pytorch"]
+    assert spec["annotations"]["prometheus.kserve.io/port"] == str(port(config()["metrics_address"]))
+    c, = spec["containers"]
+    assert c["name"] == "kserve-container"
+    # A Pod with this container validates against Kubernetes' own schema (unknown fields fail).
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "runtime"},
+                                  "spec": {"containers": [c]}}, K8S_VERSION, strict=True)
+    assert c["args"] == ks.RUNTIME_ARGS == KServeTorchServe.command(ks.STORE_PATH, ks.CONFIG_PATH)
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env == ks.RUNTIME_ENV
+    for protocol, envelope in ks.ENVELOPES.items():
+        local = KServeTorchServe(path.parent, protocol).runtime_env()
+        assert set(local) == set(env)
+        assert local["TS_SERVICE_ENVELOPE"] == envelope
+        assert urlparse(local["TS_INFERENCE_ADDRESS"]).scheme == urlparse(env["TS_INFERENCE_ADDRESS"]).scheme
+    (exposed,) = c["ports"]
+    assert exposed["containerPort"] == port(env["TS_INFERENCE_ADDRESS"]) == ks.KSERVE_HTTP_PORT
+    # Probes on that port: the layout's token is off, so /ping answers the kubelet.
+    assert config()["disable_token_authorization"] == "true"
+    assert c["readinessProbe"]["httpGet"] == {"path": "/ping", "port": ks.KSERVE_HTTP_PORT}
+    assert c["livenessProbe"]["tcpSocket"] == {"port": ks.KSERVE_HTTP_PORT}
