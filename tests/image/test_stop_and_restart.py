@@ -97,8 +97,8 @@ def test_sigterm_drains_in_flight_requests_then_restart_serves(container):
     assert int(drained.group(4)) == 0 and int(drained.group(2)) == int(at_signal.group(1)) >= STREAMS, drained.group(0)
     # A plain request is answered, or refused only if it arrived after the signal (not cut: no 5xx).
     assert all(v == "finished" or v.startswith("refused") for v in outcomes.values()), outcomes
+    # 0, not 137: serve.py exited by itself after the drain, not SIGKILLed at the stop timeout.
     assert state.get("ExitCode") == 0, state
-    assert stop_seconds < container.stop_timeout, "SIGKILLed at the stop timeout, not a graceful stop"
 
     container.start()
     restart = container.wait_ready(3)
