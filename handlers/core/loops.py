@@ -70,8 +70,8 @@ class Server:
         """Ends the claims of the admitted generation requests among `flat` (admit() claimed them)."""
         if self.jobs is not None:
             for p in flat:
-                if isinstance(p, Pending) and getattr(p.params, "request_id", None):
-                    self.jobs.release(p.params.request_id)
+                if isinstance(p, Pending) and (request_id := request_id_of(p)):
+                    self.jobs.release(request_id)
 
 
 def admit(model: ServedModel, inc: Incoming, flat: list, server: Server) -> Admitted:
