@@ -2,7 +2,8 @@
 # Builds TorchServe archives (.mar) of the project's models into model_store/.
 #
 #   ./archive.sh [--profile demo|pretrained] [--target T] [--version V]
-#                [--name NAME] [--weights DIR] [--store DIR] [--handler FILE] [--force] [MODEL...]
+#                [--name NAME] [--weights DIR|FILE] [--config-tree DIR] [--store DIR] [--handler FILE]
+#                [--force] [MODEL...]
 #
 # MODEL is one of the model folders in handlers/ (cam, ddpm, sd15); none named = every model
 # that has weights for the profile. An archive holds the serving core, the TorchServe adapter and
@@ -10,8 +11,13 @@
 # every model built (MODEL_CONFIGS=DIR reads the configs from DIR instead).
 # --version other than 1.0 writes <name>-<version>.mar. Weights come from
 # weights/<profile>/<model>/ unless --weights (one model only) or <MODEL>_WEIGHTS
-# (e.g. SD15_WEIGHTS=/data/sd15) points elsewhere. --handler FILE (one model only) archives
-# FILE as the entry point instead of handlers/MODEL/handler.py, e.g. a test double that subclasses it.
+# (e.g. SD15_WEIGHTS=/data/sd15) points elsewhere. For sd15 that may also be a single-file
+# checkpoint (one .safetensors in the original layout, as A1111 / ComfyUI keep them): it is checked
+# and converted to a diffusers directory (python -m weights.single_file) with the config tree
+# weights/sd15-config, or --config-tree DIR (SD15_CONFIG_TREE=DIR) for a model with other configs;
+# a file that is no SD1.5 checkpoint is refused in one line (docs/your-own-sd.md).
+# --handler FILE (one model only) archives FILE as the entry point instead of
+# handlers/MODEL/handler.py, e.g. a test double that subclasses it.
 # The archive is built in a temp dir and moved into place, so a failed run never leaves a
 # half-written archive; an unchanged input set is detected by a fingerprint and skipped.
 set -euo pipefail
@@ -22,6 +28,7 @@ target="${TARGET:-cpu}"
 version="${VERSION:-1.0}"
 store="${MODEL_STORE:-$here/model_store}"
 configs="${MODEL_CONFIGS:-$here/model_configs}"
+config_tree="${SD15_CONFIG_TREE:-$here/weights/sd15-config}"
 name=""
 weights_override=""
 handler_override=""
@@ -37,6 +44,7 @@ while [ $# -gt 0 ]; do
     --version) version="${2:?--version needs a value}"; shift 2 ;;
     --name) name="${2:?--name needs a value}"; shift 2 ;;
     --weights) weights_override="${2:?--weights needs a value}"; shift 2 ;;
+    --config-tree) config_tree="${2:?--config-tree needs a value}"; shift 2 ;;
     --store) store="${2:?--store needs a value}"; shift 2 ;;
     --handler) handler_override="${2:?--handler needs a value}"; shift 2 ;;
     --force) force=1; shift ;;
@@ -51,6 +59,8 @@ case "$profile" in demo|pretrained) ;; *) die "unknown profile '$profile' (demo 
 [ -d "$configs" ] || die "model configs directory not found: $configs"
 configs="$(cd "$configs" && pwd)"
 
+python="$here/.venv/bin/python"
+[ -x "$python" ] || python="$(command -v python3 || true)"
 archiver="$here/.venv/bin/torch-model-archiver"
 [ -x "$archiver" ] || archiver="$(command -v torch-model-archiver || true)"
 [ -n "$archiver" ] || die "torch-model-archiver not found: run 'make setup' (or pip install torch-model-archiver==0.12.0)"
@@ -63,7 +73,7 @@ done
 # What an archive of model m packs: the handlers package's core, adapter and m's own folder.
 code_of() { echo handlers/__init__.py handlers/core handlers/adapter "handlers/$1"; }
 
-weights_for() {  # model -> weights directory
+weights_for() {  # model -> weights directory (or sd15's single file)
   local var
   var="$(echo "$1" | tr '[:lower:]' '[:upper:]')_WEIGHTS"
   if [ -n "$weights_override" ]; then echo "$weights_override"
@@ -72,7 +82,7 @@ weights_for() {  # model -> weights directory
 }
 
 if [ ${#models[@]} -eq 0 ]; then
-  for m in "${known[@]}"; do [ -d "$(weights_for "$m")" ] && models+=("$m"); done
+  for m in "${known[@]}"; do [ -e "$(weights_for "$m")" ] && models+=("$m"); done
   [ ${#models[@]} -gt 0 ] || die "no weights found under weights/$profile/ (run 'make weights PROFILE=$profile')"
 fi
 [ -z "$weights_override" ] || [ ${#models[@]} -eq 1 ] || die "--weights applies to one model at a time"
@@ -102,17 +112,33 @@ fingerprint() {  # every input that changes the archive: handler code, config, w
     [ -z "$handler_override" ] || sha256sum "$handler_override"
     (cd "$configs" && sha256sum "$m/$target.yaml")
     # Size + mtime of each weights file: cheap for multi-GB weights, still catches rebuilds.
-    (cd "$wdir" && find -L . -type f -printf '%p %s %T@\n' | LC_ALL=C sort)
+    if [ -f "$wdir" ]; then
+      # A single file: the converter and the config tree it is read with are inputs too.
+      find -L "$wdir" -printf 'single file %s %T@\n'
+      (cd "$here" && sha256sum weights/single_file.py)
+      (cd "$config_tree" && find -L . -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum)
+    else
+      (cd "$wdir" && find -L . -type f -printf '%p %s %T@\n' | LC_ALL=C sort)
+    fi
   } | sha256sum | cut -d' ' -f1
 }
 
-weights_sha256() {  # the weights' content (every file's path and bytes): "Model hash" in the PNGs a model writes
+# The weights' content: "Model hash" in the PNGs a model writes. A directory: every file's path and
+# bytes; a single file: its own sha256, the hash AUTOMATIC1111 and civitai show for it.
+weights_sha256() {
+  if [ -f "$1" ]; then sha256sum < "$1" | cut -d' ' -f1; return; fi
   (cd "$1" && find -L . -type f -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum) | sha256sum | cut -d' ' -f1
 }
 
 for m in "${models[@]}"; do
   wdir="$(weights_for "$m")"
-  [ -d "$wdir" ] || die "weights directory for '$m' not found: $wdir (build it with 'make weights PROFILE=$profile' or set $(echo "$m" | tr '[:lower:]' '[:upper:]')_WEIGHTS)"
+  single=""
+  if [ -f "$wdir" ]; then
+    [ "$m" = sd15 ] || die "weights for '$m' must be a directory: a single-file checkpoint ($wdir) is read for sd15 only"
+    [ -f "$config_tree/model_index.json" ] || die "config tree not found: $config_tree (no model_index.json)"
+    single="$(realpath "$wdir")"; wdir="$single"; config_tree="$(cd "$config_tree" && pwd)"
+  fi
+  [ -e "$wdir" ] || die "weights directory for '$m' not found: $wdir (build it with 'make weights PROFILE=$profile' or set $(echo "$m" | tr '[:lower:]' '[:upper:]')_WEIGHTS)"
   config="$configs/$m/$target.yaml"
   [ -f "$config" ] || die "no model config for '$m' on target '$target': $config"
   mname="${name:-$m}"
@@ -137,14 +163,19 @@ for m in "${models[@]}"; do
   work="$(mktemp -d "$store/.build-$fname.XXXXXX")"
   trap 'rm -rf "$work"' EXIT
   mkdir -p "$work/extra" "$work/out" "$work/tmp"
+  if [ -n "$single" ]; then
+    # One line on stderr when the file is refused; the trap removes the build dir.
+    (cd "$here" && "$python" -m weights.single_file "$single" --out "$work/weights" --config "$config_tree") || exit 1
+    wdir="$work/weights"
+  fi
   (cd "$here" && find $(code_of "$m") -name '*.py' -type f -exec cp --parents {} "$work/extra/" \;)
   # What the handler's describe reports (GET /models/<name>?customized=true).
   printf '{"profile": "%s", "target": "%s", "version": "%s", "fingerprint": "%s", "weights_sha256": "%s"}\n' \
-    "$profile" "$target" "$version" "$fp" "$(weights_sha256 "$wdir")" > "$work/extra/archive.json"
+    "$profile" "$target" "$version" "$fp" "$(weights_sha256 "${single:-$wdir}")" > "$work/extra/archive.json"
   # The archiver copies its inputs twice for no-archive (to a temp dir, then to the output):
   # for GBs of weights, give it only the code and copy the weights into its output once.
   [ "$format" = "no-archive" ] || ln -s "$(cd "$wdir" && pwd)" "$work/extra/weights"
-  echo "archive.sh: building $mname ($m, profile $profile, target $target, version $version, format $format) from $wdir"
+  echo "archive.sh: building $mname ($m, profile $profile, target $target, version $version, format $format) from ${single:-$wdir}"
   start=$(date +%s.%N)
   TMPDIR="$work/tmp" "$archiver" --model-name "$mname" --version "$version" \
     --handler "${handler_override:-$here/handlers/$m/handler.py}" --extra-files "$work/extra" \
@@ -153,7 +184,9 @@ for m in "${models[@]}"; do
   built="$work/out/$mname"; [ "$format" = "no-archive" ] || built="$built.mar"
   if [ "$format" = "no-archive" ]; then
     # -L: a hub cache snapshot is a tree of symlinks into ../../blobs; copy the files themselves.
-    cp -rL --reflink=auto "$wdir/." "$built/weights" || die "copying the weights of $mname failed"
+    # A converted single file is already a copy of its own in the build dir.
+    if [ -n "$single" ]; then mv "$wdir" "$built/weights"
+    else cp -rL --reflink=auto "$wdir/." "$built/weights" || die "copying the weights of $mname failed"; fi
   fi
   rm -rf "$out" "$stamp"
   mv "$built" "$out"

@@ -23,8 +23,8 @@ import torch
 from benchmarks import RESULTS
 
 # benchmarks/bench_<name>.py; limits: speed estimates; ddpm_workload: static vs step-level batching;
-# streaming: what NDJSON progress and previews cost
-MODELS = ("cam", "ddpm", "ddpm_workload", "sd15", "limits", "streaming")
+# streaming: what NDJSON progress and previews cost; loras: what LoRAs per request cost
+MODELS = ("cam", "ddpm", "ddpm_workload", "sd15", "loras", "limits", "streaming")
 # A goal is machine-checkable when it starts with a comparison and a plain number (not a percentage).
 GOAL = re.compile(r"\s*(>=|<=|>|<)\s*(-?\d+(?:\.\d+)?)(?![\d.])(?!\s*%)")
 COMPARE = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}

@@ -4,6 +4,7 @@
     python -m clients.generate "a red handwritten 7" --seed 1 --steps 25 --out outputs/sd15
     python -m clients.generate "a green 2" --image digit.png --strength 0.9
     python -m clients.generate "a blue 1" --image digit.png --mask right-half.png
+    python -m clients.generate "a purple handwritten 7" --lora purple --lora outlined:0.5
 (the demo profile's model draws 64x64 digits in red, green, blue, yellow or white; the same
 client serves real SD1.5 prompts with PROFILE=pretrained)
 """
@@ -78,6 +79,15 @@ def demo(out: Path) -> str:
             "without / with negative_prompt 'a handwritten 3')")
 
 
+def lora(text: str) -> dict:
+    """NAME or NAME:SCALE (A1111's <lora:NAME:SCALE>) -> the request's {"name", "scale"}."""
+    name, _, scale = text.rpartition(":") if ":" in text else (text, "", "")
+    try:
+        return {"name": name, "scale": float(scale)} if scale else {"name": text}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--lora {text!r}: expected NAME or NAME:SCALE, e.g. purple:0.8") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clients.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("prompt")
@@ -92,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", type=Path, help="input image: img2img (or inpainting with --mask)")
     parser.add_argument("--strength", type=float, help="img2img: how much to change the image, (0, 1]")
     parser.add_argument("--mask", type=Path, help="inpainting mask, white = repaint")
+    parser.add_argument("--lora", type=lora, action="append", metavar="NAME[:SCALE]",
+                        help="apply a LoRA of the server's lora_dir (repeatable; describe lists them)")
     parser.add_argument("--out", type=Path, default=Path("outputs/sd15"))
     parser.add_argument("--preview", type=Path, metavar="DIR", help="save the streamed preview PNGs in DIR")
     parser.add_argument("--preview-every", type=int, help="a preview every N steps (server default 5; 0 = none)")
@@ -103,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                           preview_every=args.preview_every, preview_vae=args.preview_vae or None,
                           negative_prompt=args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
                           width=args.width, height=args.height, seed=args.seed, scheduler=args.scheduler,
-                          num_images=args.num_images, image=args.image, strength=args.strength, mask=args.mask)
+                          num_images=args.num_images, image=args.image, strength=args.strength, mask=args.mask,
+                          loras=args.lora)
     except (ServerError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -102,4 +102,7 @@ def sd15_cases() -> list[tuple[str, bytes | dict, str]]:
         ("preview-vae-without-stream", {**base, "preview_vae": True}, "preview_vae"),
         ("request-id-too-long", {**base, "request_id": "x" * 65}, "request_id"),
         ("request-id-space", {**base, "request_id": "my request 1"}, "request_id"),
+        ("lora-unknown", {**base, "loras": [{"name": "no-such-lora"}]}, "loras"),
+        ("lora-not-a-list", {**base, "loras": {"name": "x"}}, "loras"),
+        ("lora-scale-not-number", {**base, "loras": [{"name": "x", "scale": "high"}]}, "loras"),
     ]

@@ -6,7 +6,8 @@ weights/train_ddpm_demo.py and weights/train_sd15_demo.py), plus `sd15-smoke`, t
 Stable Diffusion pipeline the unit tests use for the handler's mechanics.
 pretrained: prepares weights/pretrained/ from local files (cam: the torchvision ResNet-50 file),
 or for the diffusion models checks the directory given by DDPM_WEIGHTS / SD15_WEIGHTS (or under
-weights/pretrained/), downloading from the hub only when HF_HUB_OFFLINE is not set.
+weights/pretrained/), downloading from the hub only when HF_HUB_OFFLINE is not set. SD15_WEIGHTS
+may also be a single-file checkpoint (weights/single_file.py checks it; archive.sh converts it).
 """
 from __future__ import annotations
 
@@ -43,6 +44,9 @@ def prepare_pretrained(model: str, out: Path) -> None:
         prepare_cam_pretrained.main(["--out", str(out)])
         return
     local = os.environ.get(f"{model.upper()}_WEIGHTS")
+    if local and model == "sd15" and Path(local).is_file():
+        check_single_file(Path(local))
+        return  # archive.sh converts it
     if local:
         if not Path(local, "model_index.json").is_file():
             raise SystemExit(f"{model.upper()}_WEIGHTS={local} is not a diffusers pipeline directory "
@@ -58,6 +62,16 @@ def prepare_pretrained(model: str, out: Path) -> None:
 
     print(f"downloading {HUB_REPOS[model]} -> {out}", flush=True)
     DiffusionPipeline.from_pretrained(HUB_REPOS[model]).save_pretrained(out)
+
+
+def check_single_file(path: Path) -> None:
+    """SystemExit with weights/single_file.py's one line when `path` is no SD1.5 single file."""
+    from weights import single_file
+
+    try:
+        single_file.inspect(path, single_file.config_tree())
+    except single_file.Refused as exc:
+        raise SystemExit(f"SD15_WEIGHTS={path} {exc}") from None
 
 
 def add_calibration(out: Path, profile: str) -> None:

@@ -152,6 +152,9 @@ class RequestModel(BaseModel):
             text = "one of " + ", ".join(repr(c) for c in typing.get_args(kind))
         elif typing.get_origin(kind) is Annotated or kind == (str | bytes):
             text = "a base64 image (string)"
+        elif typing.get_origin(kind) is list:
+            item = typing.get_args(kind)[0]
+            text = "a list of objects with " + ", ".join(f"'{f}'" for f in item.model_fields)
         else:
             text = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind]
             bounds = {type(m).__name__: m for m in info.metadata}
@@ -169,7 +172,7 @@ class RequestModel(BaseModel):
     @classmethod
     def _request_error(cls, exc: ValidationError, body: dict) -> RequestError:
         errors = exc.errors()
-        unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
+        unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden" and len(e["loc"]) == 1)
         if unknown:
             return RequestError(unknown[0], f"unknown field '{unknown[0]}'; allowed fields: {', '.join(cls.model_fields)}")
         order = list(cls.model_fields)
@@ -178,6 +181,9 @@ class RequestModel(BaseModel):
         if name not in cls.model_fields:
             return RequestError(name, first["msg"])
         value = body.get(name)
+        if len(first["loc"]) > 1 and value is not None:  # inside a list or object: say where
+            where = name + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"][1:])
+            return RequestError(name, f"'{name}' must be {cls.describe(name)}; {where}: {first['msg'][0].lower()}{first['msg'][1:]}")
         if first["type"] == "missing" or value is None:
             return RequestError(name, f"'{name}' is required: {cls.describe(name)}")
         if first["type"] == "multiple_of":

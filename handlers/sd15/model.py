@@ -27,21 +27,12 @@ from handlers.core.batch import PNG_TYPE, Group, Outcome, Pending, group_of
 from handlers.core.images import b64_png, encode_png, tensor_to_pil
 from handlers.core.model import ServedModel
 from handlers.core.streaming import no_progress
+from handlers.sd15 import library_logs
+from handlers.sd15.loras import LoraLibrary
 from handlers.sd15.request import A1111_SAMPLERS, SCHEDULERS, Sd15Request
 
 logger = logging.getLogger(__name__)
-
-
-class _EmptyFloat32ListFilter(logging.Filter):
-    """Drops diffusers' "modules ... should be kept in float32: []" warning. diffusers 0.42.1 logs it on
-    every `ModelMixin.to(dtype)` (from_pipe's cast among them), also when the list is empty (its
-    check `fp32_modules is not None` always holds): then nothing is kept or cast wrongly."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "should be kept in float32: []" not in record.getMessage()
-
-
-logging.getLogger("diffusers.models.modeling_utils").addFilter(_EmptyFloat32ListFilter())
+library_logs.quiet()
 
 DEMO_WARNING = "demo profile: a randomly initialised smoke-test model; its images are noise"
 
@@ -80,10 +71,16 @@ class Sd15Model(ServedModel):
         for pipe in self.pipes.values():
             pipe.set_progress_bar_config(disable=True)
         self.scheduler_config = base.scheduler.config
+        # A relative lora_dir is inside the weights directory (the archive's own `loras/` by default).
+        self.loras = LoraLibrary(os.path.join(wdir, self.config["lora_dir"]), float(self.config["lora_cache_mb"]),
+                                 base.unet.dtype.itemsize)
         self.tokenizer = base.tokenizer
         self.demo = os.path.isfile(os.path.join(wdir, "DEMO_MODEL.txt"))
         # As diffusers' pipelines do: the UNet's sample size in pixels (512 for SD1.5).
         self.native_size = int(base.unet.config.sample_size * base.vae_scale_factor)
+        missing = [k for k in ("max_loras", "lora_scales") if k not in self.config]
+        if missing:  # read by a request's validation only: fail the load, not the first request naming a LoRA
+            raise KeyError(f"model config lacks handler.{missing[0]}")
         self.bind_request()
         self.start_clock(self.measure_step())
         self.latent_rgb = latent_rgb_fit(base.vae, self.device, self.dtype)
@@ -102,17 +99,20 @@ class Sd15Model(ServedModel):
         return (time.perf_counter() - started) / request.cost()
 
     def validation_context(self) -> dict:
-        return {"max_pixels": int(self.config["max_image_pixels"]), "native_size": self.native_size}
+        return {"max_pixels": int(self.config["max_image_pixels"]), "native_size": self.native_size,
+                "loras": self.loras.usable()}
 
     def capabilities(self) -> dict:
         return {"schedulers": list(SCHEDULERS), "modes": ["txt2img", "img2img", "inpaint"],
-                "native_size": self.native_size, "safety_checker": self.safety_checker is not None}
+                "native_size": self.native_size, "safety_checker": self.safety_checker is not None,
+                **self.loras.describe()}
 
     # inference ----------------------------------------------------------------------------
     def run_group(self, group: Group, progress) -> list[tuple]:
         """One pipeline call for the group: per image, (PIL image, nsfw flag or None)."""
         shared = group.shared
         pipe = self.pipes[shared["mode"]]
+        self.loras.activate(self.pipes["txt2img"], shared["lora_set"])  # the pipelines share its UNet and text encoder
         pipe.scheduler = SCHEDULERS[shared["scheduler"]].from_config(self.scheduler_config)  # fresh per group
         kwargs = dict(prompt=group.per_image("prompt"), negative_prompt=group.per_image("negative_prompt"),
                       num_inference_steps=shared["steps"], guidance_scale=shared["guidance_scale"],
@@ -200,17 +200,22 @@ class Sd15Model(ServedModel):
         }
         if req.mode != "txt2img":
             body["strength"] = req.strength
+        if req.loras:
+            body["loras"] = [lora.model_dump() for lora in req.loras]
         if self.safety_checker is not None:
             body["nsfw"] = nsfw
         return Outcome(response=body)
 
 
     def a1111_parameters(self, params: Sd15Request) -> str:
-        return provenance.a1111_parameters(params.prompt, params.negative_prompt, {
+        # A1111 writes a prompt's LoRAs as <lora:name:scale> tags in it, and their file hashes after the settings.
+        tags = "".join(f" <lora:{lora.name}:{lora.scale:g}>" for lora in params.loras)
+        hashes = ", ".join(f"{lora.name}: {self.loras.hash_of(lora.name)}" for lora in params.loras)
+        return provenance.a1111_parameters(params.prompt + tags, params.negative_prompt, {
             "Steps": params.steps, "Sampler": A1111_SAMPLERS[params.scheduler], "CFG scale": params.guidance_scale,
             "Seed": params.seed, "Size": f"{params.width}x{params.height}",
             "Model hash": provenance.model_hash(self.archive), "Model": self.archive.get("model"),
-            "Denoising strength": params.strength})
+            "Denoising strength": params.strength, "Lora hashes": hashes or None})
 
 
 def set_vae_tiles(vae, tile: int | None) -> None:

@@ -7,11 +7,12 @@ counts of the real SD1.5 UNet and VAE, so the limits hold for the real model at 
 """
 from __future__ import annotations
 
+import json
 from typing import Annotated, ClassVar, Literal
 
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 from PIL import Image
-from pydantic import Field, PrivateAttr, ValidationInfo, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from handlers.core.errors import RequestError
 from handlers.core.images import decode_image
@@ -39,6 +40,18 @@ IMAGE_BACKGROUND = (255, 255, 255)
 MASK_BACKGROUND = (0, 0, 0)
 
 
+class Lora(BaseModel):
+    """One LoRA a request applies: `{"name": "purple", "scale": 0.8}`."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False,
+                              use_attribute_docstrings=True)
+
+    name: str
+    """A LoRA file of the target's `lora_dir`, without `.safetensors` (describe lists them)."""
+    scale: float = 1.0
+    """Its weight: 1 = as trained, 0 = the base model's image; within the target's `lora_scales`."""
+
+
 class Sd15Request(SeededImages):
     """`POST /predictions/sd15`: txt2img, or img2img with `image`, or inpainting with `image` + `mask`."""
 
@@ -63,17 +76,38 @@ class Sd15Request(SeededImages):
     mask: Base64Image | None = None
     """Inpainting mask, the size of `image`: white = repaint, black (or transparent) = keep."""
 
+    loras: list[Lora] = Field(default_factory=list)
+    """LoRAs to apply, e.g. `[{"name": "purple", "scale": 0.8}]`: at most the target's `max_loras`,
+    their loaded size within its `lora_cache_mb`. Requests with different LoRAs never share a UNet call."""
+
     preview_vae: bool = False
     """With `stream`: previews decoded by the VAE (exact, but each costs about 1.6 denoising steps (a VAE decode))
     instead of the default linear latent-to-RGB approximation (free, blurry, 1/8 of the size)."""
 
-    batched_properties: ClassVar[tuple[str, ...]] = ("mode",)
+    batched_properties: ClassVar[tuple[str, ...]] = ("mode", "lora_set")
     _image: Image.Image | None = PrivateAttr(None)
     _mask: Image.Image | None = PrivateAttr(None)
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras_from_json_text(cls, value):
+        """A JSON text of the list is read as the list: a KServe v2 BYTES input or a form field carries strings only."""
+        if isinstance(value, (str, bytes)):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise RequestError("loras", "'loras' must be a list of objects with 'name', 'scale' (or that list's "
+                                            f"JSON text), got {value[:40]!r}") from None
+        return value
 
     @property
     def mode(self) -> str:
         return "txt2img" if self.image is None else "inpaint" if self.mask is not None else "img2img"
+
+    @property
+    def lora_set(self) -> tuple[tuple[str, float], ...]:
+        """The LoRAs as (name, scale) pairs in name order: equal for requests that apply the same set."""
+        return tuple(sorted((lora.name, lora.scale) for lora in self.loras))
 
     @property
     def init_image(self) -> Image.Image | None:
@@ -88,6 +122,7 @@ class Sd15Request(SeededImages):
     def _resolve(self, info: ValidationInfo):
         """Decodes the images and resolves the defaults of strength, width and height."""
         ctx = info.context
+        self._check_loras(ctx.get("loras", {}))
         if self.image is None:
             for name in ("strength", "mask"):
                 if getattr(self, name) is not None:
@@ -118,6 +153,26 @@ class Sd15Request(SeededImages):
             if self._mask is not None:
                 self._mask = self._mask.resize((self.width, self.height))
         return self
+
+    def _check_loras(self, usable: dict[str, int]) -> None:
+        """The LoRAs exist in the folder, each once, within the target's count, scale and memory limits."""
+        if not self.loras:
+            return
+        most, (low, high), budget = self.limits["max_loras"], self.limits["lora_scales"], self.limits["lora_cache_mb"]
+        if len(self.loras) > most:
+            raise RequestError("loras", f"at most {most} LoRAs per request (max_loras), got {len(self.loras)}")
+        names = [lora.name for lora in self.loras]
+        for i, lora in enumerate(self.loras):
+            if lora.name not in usable:
+                listed = ", ".join(sorted(usable)) or "none"
+                raise RequestError("loras", f"unknown LoRA '{lora.name}' (loras[{i}].name); available: {listed}")
+            if names.count(lora.name) > 1:
+                raise RequestError("loras", f"LoRA '{lora.name}' is named twice")
+            if not low <= lora.scale <= high:
+                raise RequestError("loras", f"loras[{i}].scale must be in [{low}, {high}] (lora_scales), got {lora.scale}")
+        need = sum(usable[n] for n in names) / 2**20
+        if need > budget:
+            raise RequestError("loras", f"these LoRAs take {need:.1f} MB loaded; the cache holds {budget} MB (lora_cache_mb)")
 
     @property
     def denoising_steps(self) -> int:

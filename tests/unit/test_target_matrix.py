@@ -29,6 +29,7 @@ from handlers.sd15.handler import Sd15Handler
 from harness.context import run_batch
 from harness.continuous import ContinuousWorker
 from harness.inprocess import demo_weights, gradient_png, load_handler, pixels, png_bytes, unpack
+from harness.loras import random_lora
 from tests.support import cam_contract
 from weights import digits
 
@@ -56,8 +57,12 @@ def loaded(request, tmp_path_factory):
     set to the dtype the target runs."""
     model, target = request.param
     dtype = str(target_dtype(model, target)).removeprefix("torch.")
-    model_dir = unpack(tmp_path_factory.mktemp(f"{model}-{target}"), model, demo_weights(WEIGHTS[model]), target,
-                       handler_overrides={"dtype_cpu": dtype})
+    tmp = tmp_path_factory.mktemp(f"{model}-{target}")
+    overrides = {"dtype_cpu": dtype}
+    if model == "sd15":  # a LoRA folder with one random LoRA (float32 file, loaded in the target's dtype)
+        random_lora(demo_weights(WEIGHTS[model]), tmp / "loras" / "random.safetensors", seed=0, text_encoder=True)
+        overrides["lora_dir"] = str(tmp / "loras")
+    model_dir = unpack(tmp / "model", model, demo_weights(WEIGHTS[model]), target, handler_overrides=overrides)
     threads = torch.get_num_threads()
     handler, ctx = load_handler(HANDLERS[model], model, model_dir, target)
     torch.set_num_threads(1)  # the configs' thread counts are for real models; these are tiny
@@ -198,3 +203,20 @@ def test_sd15_img2img_and_inpainting(loaded, mode):
     assert answer["mode"] == mode
     px = assert_real_image(answer["images"][0])
     assert px.shape[:2] == (64, 64)
+
+
+@over(SD15)
+def test_sd15_lora_in_the_targets_dtype(loaded):
+    """A LoRA request runs in the target's dtype (its layers too) and changes the image; the
+    same request without it afterwards is the base model's image again."""
+    model, target, handler, ctx = loaded
+    body = {**SD_BASE, "seed": 4}
+    (base,) = ask(handler, ctx, [body])
+    (lora,) = ask(handler, ctx, [{**body, "loras": [{"name": "random"}]}])
+    assert np.abs(assert_real_image(lora["images"][0]) - pixels(base["images"][0])).max() > 0
+    want = target_dtype(model, target)
+    pipe = handler.model.pipes["txt2img"]
+    lora_dtypes = {p.dtype for m in (pipe.unet, pipe.text_encoder) for n, p in m.named_parameters() if ".lora_" in n}
+    assert lora_dtypes == {want}, f"{target}: LoRA layers hold {lora_dtypes}, the target runs {want}"
+    (again,) = ask(handler, ctx, [body])
+    assert np.array_equal(pixels(again["images"][0]), pixels(base["images"][0]))
