@@ -4,7 +4,7 @@
     python -m clients.generate "a red handwritten 7" --seed 1 --steps 25 --out outputs/sd15
     python -m clients.generate "a green 2" --image digit.png --strength 0.9
     python -m clients.generate "a blue 1" --image digit.png --mask right-half.png
-    python -m clients.generate "a purple handwritten 7" --lora purple --lora outlined:0.5
+    python -m clients.generate "a lighthouse at dusk" --lora my-style --lora film-grain:0.5
 (the demo profile's model draws 64x64 digits in red, green, blue, yellow or white; the same
 client serves real SD1.5 prompts with PROFILE=pretrained)
 """
@@ -85,7 +85,7 @@ def lora(text: str) -> dict:
     try:
         return {"name": name, "scale": float(scale)} if scale else {"name": text}
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--lora {text!r}: expected NAME or NAME:SCALE, e.g. purple:0.8") from None
+        raise argparse.ArgumentTypeError(f"--lora {text!r}: expected NAME or NAME:SCALE, e.g. my-style:0.8") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,14 +25,12 @@ Team), updated to today's diffusers attention names (to_q / to_out.0 instead of 
 from __future__ import annotations
 
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from harness import REPO
 from weights.single_file import DEFAULT_CONFIG, TEXT, UNET, VAE
 
 UNET_CHANNELS = (16, 32, 64, 64)  # SD1.5: 320, 640, 1280, 1280
@@ -103,11 +101,6 @@ def write_fixture(root: Path, seed: int = 0) -> Fixture:
     return Fixture(directory, write_config_tree(directory, root / "config-tree"),
                    write_single_file(directory, root / "sd15-fixture.safetensors"),
                    write_single_file(directory, root / "sd15-fixture-fp16.safetensors", torch.float16))
-
-
-def run_archive_sh(*args: str) -> subprocess.CompletedProcess:
-    """./archive.sh with `args` (text output captured, not checked)."""
-    return subprocess.run([str(REPO / "archive.sh"), *args], cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 # -- diffusers -> original names (vendored, see the module docstring) ----------------------

@@ -24,6 +24,11 @@ from harness import REPO
 VENV_BIN = REPO / ".venv" / "bin"
 
 
+def run_archive_sh(*args: str) -> subprocess.CompletedProcess:
+    """./archive.sh with `args` (text output captured, not checked)."""
+    return subprocess.run([str(REPO / "archive.sh"), *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
 def key_file_written(path: Path) -> bool:
     """TorchServe's key_file.json exists and is complete: it is created empty, then written (a
     reader in between gets '')."""

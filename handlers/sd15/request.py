@@ -41,7 +41,7 @@ MASK_BACKGROUND = (0, 0, 0)
 
 
 class Lora(BaseModel):
-    """One LoRA a request applies: `{"name": "purple", "scale": 0.8}`."""
+    """One LoRA a request applies: `{"name": "my-style", "scale": 0.8}`."""
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False,
                               use_attribute_docstrings=True)
@@ -77,7 +77,7 @@ class Sd15Request(SeededImages):
     """Inpainting mask, the size of `image`: white = repaint, black (or transparent) = keep."""
 
     loras: list[Lora] = Field(default_factory=list)
-    """LoRAs to apply, e.g. `[{"name": "purple", "scale": 0.8}]`: at most the target's `max_loras`,
+    """LoRAs to apply, e.g. `[{"name": "my-style", "scale": 0.8}]`: at most the target's `max_loras`,
     their loaded size within its `lora_cache_mb`. Requests with different LoRAs never share a UNet call."""
 
     preview_vae: bool = False

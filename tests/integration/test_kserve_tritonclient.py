@@ -101,6 +101,17 @@ def test_answers_equal_predictions(server, client, model):
     assert result.get_response()["model_name"] == model
 
 
+def test_sd15_loras_travel_as_the_json_text_of_the_list(client):
+    """The one list field, sd15's `loras`: a BYTES input holding its JSON text is read as the list
+    (the demo archive has no LoRA, so a name is unknown; a string that is no list says so)."""
+    with pytest.raises(InferenceServerException) as exc:
+        client.infer("sd15", inputs({**REQUESTS["sd15"], "loras": json.dumps([{"name": "styled", "scale": 0.8}])}))
+    assert exc.value.status() == "400" and exc.value.message().startswith("loras: unknown LoRA 'styled'")
+    with pytest.raises(InferenceServerException) as exc:
+        client.infer("sd15", inputs({**REQUESTS["sd15"], "loras": "styled"}))
+    assert exc.value.status() == "400" and "must be a list of objects" in exc.value.message()
+
+
 def test_requested_outputs_with_binary_flag_are_answered_as_json(client):
     """InferRequestedOutput's default asks for binary output data: the answer is JSON, which
     tritonclient reads the same way."""

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,7 +13,9 @@ import pytest
 from PIL import Image
 
 from harness.bad_inputs import sd15_cases
-from harness.torchserve import TorchServeInstance
+from harness.inprocess import demo_weights
+from harness.loras import random_lora
+from harness.torchserve import TorchServeInstance, run_archive_sh
 from harness.traffic import assert_bad_input_refused
 
 BASE = {"prompt": "a lighthouse at dusk", "steps": 3, "width": 64, "height": 64}
@@ -59,3 +63,41 @@ def test_1024_response_fits_the_size_limit(server):
     limit = int(dict(line.split("=", 1) for line in (server.dir / "config.properties").read_text().splitlines())
                 ["max_response_size"])
     assert len(resp.content) < limit
+
+
+
+@pytest.fixture(scope="module")
+def lora_server(tmp_path_factory):
+    """The demo weights with a loras/ folder of two random LoRAs (diffusers and kohya format),
+    archived by archive.sh as `sd15_loras`: LoRA files travel in the archive's weights."""
+    root = tmp_path_factory.mktemp("sd15-loras")
+    weights = root / "weights"
+    shutil.copytree(demo_weights("sd15"), weights, ignore=shutil.ignore_patterns("loras"))
+    random_lora(weights, weights / "loras" / "styled.safetensors", seed=1, text_encoder=True)
+    random_lora(weights, weights / "loras" / "kohya-styled.safetensors", seed=2, fmt="kohya")
+    run = run_archive_sh("--store", str(root / "store"), "--name", "sd15_loras", "--weights", str(weights), "sd15")
+    assert run.returncode == 0, run.stderr
+    with TorchServeInstance(archives=["sd15_loras"], source_store=root / "store") as ts:
+        yield ts
+
+
+def test_the_archives_loras_are_listed_and_applied(lora_server):
+    """Describe lists the archive's LoRAs; a request applies one (its image differs from the base
+    model's), scale 0 is the base model's image exactly, an unknown name is a 400."""
+    (desc,) = lora_server.client.describe("sd15_loras", customized=True)
+    meta = desc["customizedMetadata"]
+    meta = json.loads(meta) if isinstance(meta, str) else meta
+    assert {(d["name"], d["format"]) for d in meta["loras"]} == {("styled", "diffusers"), ("kohya-styled", "kohya")}
+    assert meta["refused_loras"] == []
+
+    def image(payload):
+        resp = lora_server.client.predict_raw("sd15_loras", payload, accept="image/png")
+        assert resp.status_code == 200, resp.text[:300]
+        return np.asarray(Image.open(io.BytesIO(resp.content)), dtype=int)
+
+    body = {**BASE, "prompt": "a red handwritten 3", "steps": 10, "seed": 5}
+    base = image(body)
+    for name in ("styled", "kohya-styled"):
+        assert np.abs(image({**body, "loras": [{"name": name}]}) - base).mean() > 2, name
+    assert np.array_equal(image({**body, "loras": [{"name": "styled", "scale": 0.0}]}), base)
+    assert_bad_input_refused(lora_server, "sd15_loras", {**body, "loras": [{"name": "no-such-lora"}]}, "loras")

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness.sd15_single_file import run_archive_sh, write_fixture
-from harness.torchserve import TorchServeInstance
+from harness.sd15_single_file import write_fixture
+from harness.torchserve import TorchServeInstance, run_archive_sh
 
 # An fp16 file holds the fp32 weights rounded to fp16; the cpu target computes in fp32 with those.
 # Measured on this fixture at 3 steps, 64x64, over 16 seeds: at most 8 of 255 in a channel, 0.15 on

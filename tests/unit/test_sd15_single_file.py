@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from handlers.core import provenance
 from harness import sd15_single_file as fx
+from harness.torchserve import run_archive_sh
 from weights import build_all, single_file
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -126,7 +127,7 @@ def test_a_file_that_is_no_sd15_checkpoint_is_refused_in_one_line(fixture, tmp_p
         fx.write_foreign(kind, fixture.fp32, path)
     tree = [] if case == "default-tree" else ["--config-tree", str(fixture.config_tree)]
     store = tmp_path / "store"
-    run = fx.run_archive_sh("--store", str(store), "--weights", str(path), *tree, "sd15")
+    run = run_archive_sh("--store", str(store), "--weights", str(path), *tree, "sd15")
     lines = run.stderr.strip().splitlines()
     assert run.returncode != 0 and len(lines) == 1, run.stderr
     assert lines[0].startswith(f"single_file: {path} ") and all(s in lines[0] for s in says), lines[0]
@@ -134,7 +135,7 @@ def test_a_file_that_is_no_sd15_checkpoint_is_refused_in_one_line(fixture, tmp_p
 
 
 def test_a_file_is_refused_for_cam(fixture, tmp_path):
-    run = fx.run_archive_sh("--store", str(tmp_path / "store"), "--weights", str(fixture.fp32), "cam")
+    run = run_archive_sh("--store", str(tmp_path / "store"), "--weights", str(fixture.fp32), "cam")
     assert run.returncode != 0
     assert run.stderr.strip().splitlines() == [f"archive.sh: weights for 'cam' must be a directory: a single-file "
                                                 f"checkpoint ({fixture.fp32}) is read for sd15 only"]
@@ -147,7 +148,7 @@ def test_file_archive_model_hash_and_fingerprint(fixture, tmp_path):
     store, path = tmp_path / "store", tmp_path / "model.safetensors"
     shutil.copy(fixture.fp16, path)
     args = ("--store", str(store), "--weights", str(path), "--config-tree", str(fixture.config_tree), "sd15")
-    built = fx.run_archive_sh(*args)
+    built = run_archive_sh(*args)
     assert built.returncode == 0, built.stderr
     info = json.loads((store / "sd15" / "archive.json").read_text())
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -155,11 +156,11 @@ def test_file_archive_model_hash_and_fingerprint(fixture, tmp_path):
     index = json.loads((store / "sd15" / "weights" / "model_index.json").read_text())
     assert index["safety_checker"] == [None, None]
 
-    again = fx.run_archive_sh(*args)
+    again = run_archive_sh(*args)
     assert again.returncode == 0 and "is up to date" in again.stdout and "single_file" not in again.stdout + again.stderr
 
     fx.write_foreign("truncated", fixture.fp16, path)
-    changed = fx.run_archive_sh(*args)
+    changed = run_archive_sh(*args)
     assert changed.returncode != 0 and "is truncated" in changed.stderr
     assert json.loads((store / "sd15" / "archive.json").read_text()) == info
     assert sorted(p.name for p in store.iterdir()) == [".sd15.fingerprint", "sd15"]
