@@ -11,8 +11,10 @@ max(R, G, B) (weights/sd15_captions.py explains why), colours by the dominant fo
 Writes benchmarks/results/sd15-quality.md and one PNG grid per prompt family
 (benchmarks/results/sd15-quality-<family>.png). Exits 1 when a goal is missed.
 
-The check functions (`adherence`, `colour_adherence`, `negative_prompt`, `img2img`, `inpainting`)
-are also what tests/unit/test_sd15_semantics.py runs, with fewer samples.
+The check functions (`adherence`, `colour_adherence`, `negative_prompt`, `img2img`, `inpainting`,
+`lora_traits`, `lora_batch`) are also what tests/unit/test_sd15_semantics.py runs, with fewer
+samples. The LoRA checks send the request field `loras` with the files of the weights' `loras/`
+(weights/train_sd15_lora.py).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from weights import digits
 from weights import sd15_captions as C
 
 DEFAULT_WEIGHTS = "weights/demo/sd15"
@@ -37,8 +40,9 @@ LATENT_CELL = 8  # pixels per latent cell (the VAE's downscale factor)
 GOALS = {
     "adherence": 0.85, "adherence_per_digit": 0.70, "colour": 0.85, "guidance_gain": 0.20,
     "negative_factor": 5.0, "img2img_keep": 0.90, "img2img_change": 0.70, "inpaint_extra_mae": 2.0,
-    "inpaint_digit": 0.70,
+    "inpaint_digit": 0.70, "lora_without": 0.10, "lora_with": 0.85, "lora_digit": 0.85, "lora_batch": 0.85,
 }
+LORA_SCALES = (0.5, 1.0)
 
 
 # serving --------------------------------------------------------------------------------------
@@ -196,6 +200,65 @@ def inpainting(handler, ctx, judge, n: int, seed: int = 0, dilation: int = LATEN
             "pred": pred.tolist(), "n": n, "dilation": dilation, "outside_pixels": int(outside.sum())}
 
 
+def trait_prompts(trait: str, n: int) -> list[tuple[str, int]]:
+    """`n` (prompt, digit asked for) pairs in the trait's caption styles, cycling digits and colours."""
+    caps, k = C.TRAIT_CAPTIONS[trait], len(C.COLOUR_NAMES)
+    return [(caps[i % len(caps)].format(d=i % 10, w=C.NUMBER_WORDS[i % 10], c=C.COLOUR_NAMES[(i // 10) % k]), i % 10)
+            for i in range(n)]
+
+
+def judge_traits(judge, images: list, asked: list[int]) -> dict:
+    """Share of `images` each trait judge accepts, and share showing the digit asked for."""
+    pred = judge.predict(images)
+    return {"traits": {t: float(np.mean([C.TRAIT_JUDGES[t](im) for im in images])) for t in C.TRAITS},
+            "digit_share": float(np.mean([p == a for p, a in zip(pred, asked)])), "images": images}
+
+
+def lora_traits(handler, ctx, judge, n: int, trait: str, seed: int = 0, scales=LORA_SCALES, **params) -> dict:
+    """The trait's prompts ("a rainbow handwritten 7", ...), the same `n` seeds without the LoRA
+    named `trait` (no `loras`) and with it at each scale: per arm the share of images each trait
+    judge accepts and the share showing the digit asked for."""
+    jobs = trait_prompts(trait, n)
+    asked = [d for _, d in jobs]
+    arms = {}
+    for scale in (None, *scales):
+        lora = {} if scale is None else {"loras": [{"name": trait, "scale": scale}]}
+        bodies = [{"prompt": prompt, "seed": seed + i, **lora, **params} for i, (prompt, _) in enumerate(jobs)]
+        arms["without" if scale is None else scale] = judge_traits(judge, generate(handler, ctx, bodies), asked)
+    return {"trait": trait, "arms": arms, "n": n, "prompts": [p for p, _ in jobs]}
+
+
+def lora_batch(handler, ctx, judge, n: int, seed: int = 0, **params) -> dict:
+    """Requests for each trait in turn, each with its own LoRA, so every handler batch holds all of
+    them: per trait, the share of its images showing its trait and none of the others'."""
+    prompts = {t: trait_prompts(t, n) for t in C.TRAITS}
+    jobs = [(t, *prompts[t][i]) for i in range(n // len(C.TRAITS)) for t in C.TRAITS]
+    bodies = [{"prompt": prompt, "seed": seed + i, "loras": [{"name": t, "scale": 1.0}], **params}
+              for i, (t, prompt, _) in enumerate(jobs)]
+    images = generate(handler, ctx, bodies)
+    shows = [{t: C.TRAIT_JUDGES[t](im) for t in C.TRAITS} for im in images]
+    own = {t: float(np.mean([s[t] and not any(v for o, v in s.items() if o != t)
+                             for (tt, _, _), s in zip(jobs, shows) if tt == t])) for t in C.TRAITS}
+    pred = judge.predict(images)
+    return {"own": own, "digit_share": float(np.mean([p == d for p, (_, _, d) in zip(pred, jobs)])), "n": len(jobs),
+            "images": images, "jobs": jobs}
+
+
+def trait_judges_on_ground_truth(per_colour: int = 40) -> dict:
+    """Each trait judge on rendered held-out digits: the share it accepts among renders of its trait
+    and among plain renders (every colour)."""
+    images, _ = digits.load_arrays()
+    _, test = digits.split_indices(seed=0)
+    gray = images[test][:per_colour]
+    plain = [C.to_pil(x) for c in C.COLOUR_NAMES for x in C.render(gray, c)]
+    out = {}
+    for t in C.TRAITS:
+        shown = [C.to_pil(x) for c in C.COLOUR_NAMES for x in C.render_trait(t, gray, c)]
+        out[t] = {"trait": float(np.mean([C.TRAIT_JUDGES[t](im) for im in shown])),
+                  "plain": float(np.mean([C.TRAIT_JUDGES[t](im) for im in plain])), "n": len(shown)}
+    return out
+
+
 # grids ----------------------------------------------------------------------------------------
 def save_grid(rows: list[list[Image.Image]], labels: list[str], path: Path, scale: int = 2) -> None:
     """Rows of equally sized images, each upscaled (nearest) by `scale`, a text label left of each row."""
@@ -260,6 +323,9 @@ def main(argv=None) -> int:
     keep2 = timed("img2img 0.3 a 2", img2img, handler, ctx, judge, n // 2, 7, "a 2", 0.3, 2, seed)
     change = timed("img2img 0.9", img2img, handler, ctx, judge, n // 2, 7, "a 2", 0.9, 2, seed)
     inp = timed("inpainting", inpainting, handler, ctx, judge, n // 2, seed)
+    loras = {t: timed(f"lora {t}", lora_traits, handler, ctx, judge, n, t, seed) for t in C.TRAITS}
+    mixed = timed("loras in one batch", lora_batch, handler, ctx, judge, n // 2, seed)
+    truth = trait_judges_on_ground_truth()
     sched = {}
     for s in ("pndm", "ddim", "euler", "dpm++"):
         for steps in (10, 25, 50):
@@ -292,6 +358,21 @@ def main(argv=None) -> int:
         ("inpainting, whole digit masked, \"a handwritten <d>\": draws d", pct(inp["digit_share"]),
          f">= {pct(GOALS['inpaint_digit'])} (own goal)", inp["digit_share"] >= GOALS["inpaint_digit"]),
     ]
+    for t, res in loras.items():
+        share = {arm: r["traits"][t] for arm, r in res["arms"].items()}
+        with_lora = res["arms"][1.0]
+        checks += [
+            (f"LoRA `{t}`, \"{C.TRAIT_CAPTIONS[t][0].format(d='<d>', c='<colour>')}\"-style prompts: show {t}, "
+             "without / scale 0.5 / 1", " / ".join(pct(share[arm]) for arm in ("without", 0.5, 1.0)),
+             f"< {pct(GOALS['lora_without'])} / in between / >= {pct(GOALS['lora_with'])}",
+             share["without"] < GOALS["lora_without"] and share["without"] < share[0.5] < share[1.0]
+             and share[1.0] >= GOALS["lora_with"]),
+            (f"... digit asked for, with `{t}` at scale 1", pct(with_lora["digit_share"]),
+             f">= {pct(GOALS['lora_digit'])}", with_lora["digit_share"] >= GOALS["lora_digit"]),
+        ]
+    checks.append(("two requests with different LoRAs in one batch each get theirs: own trait and not the other's",
+                   " / ".join(f"{t} {pct(v)}" for t, v in mixed["own"].items()), f">= {pct(GOALS['lora_batch'])} each",
+                   min(mixed["own"].values()) >= GOALS["lora_batch"]))
     ok = all(c[3] for c in checks)
     training = {}
     tj = Path(args.weights) / "training.json"
@@ -314,7 +395,8 @@ def main(argv=None) -> int:
         *(f"| {a} | {b} | {c} | {'PASS' if d else 'FAIL'} |" for a, b, c, d in checks),
         "",
         f"Samples: {adh['n']} per adherence run ({per_digit} per digit), {col['n']} for colour, "
-        f"{neg['n']} per negative-prompt arm, {keep['n']} per img2img run, {inp['n']} per inpainting check.",
+        f"{neg['n']} per negative-prompt arm, {keep['n']} per img2img run, {inp['n']} per inpainting check, "
+        f"{n} per LoRA arm, {mixed['n']} in the mixed LoRA batches.",
         "",
         "## Details",
         "",
@@ -350,6 +432,29 @@ def main(argv=None) -> int:
         "(diffusers' apply_overlay), so outside the mask the result is the input itself; what the model "
         "contributes is visible at the seam in the grid. "
         f"Inside the mask the picture changed by {inp['inside_change']:.1f} on average (0..255).",
+        "",
+        "## LoRAs",
+        "",
+        "Two LoRAs of `weights/demo/sd15/loras/`, trained by `weights/train_sd15_lora.py`, each teaching a trait "
+        f"the base model cannot draw: `rainbow` (the digit in bands of {', '.join(C.RAINBOW)}, top to bottom) and "
+        f"`italic` (leaning right by {C.ITALIC_SLANT} px per px). Judged by weights/sd15_captions.py: rainbow = at "
+        f"least {C.RAINBOW_MIN_COLOURS} palette colours each on {pct(C.RAINBOW_MIN_SHARE)} of the foreground or "
+        f"more; italic = the ink's slant (second moments) at least {C.ITALIC_JUDGE}. The judges on rendered "
+        "held-out digits, every colour: " + "; ".join(
+            f"{t} accepts {pct(r['trait'])} of {t} renders and {pct(r['plain'])} of plain ones" for t, r in truth.items())
+        + ". Purple or outlined digits are out of reach: a LoRA adapts the UNet and text encoder, and the frozen "
+        "VAE draws neither (the training script's docstring).",
+        "",
+        "| LoRA | arm | " + " | ".join(f"shows {t}" for t in C.TRAITS) + " | digit asked for |",
+        "|---" * (3 + len(C.TRAITS)) + "|",
+        *(f"| {t} | {'without' if arm == 'without' else f'scale {arm}'} | "
+          + " | ".join(pct(r["traits"][o]) for o in C.TRAITS) + f" | {pct(r['digit_share'])} |"
+          for t, res in loras.items() for arm, r in res["arms"].items()),
+        "",
+        f"Mixed batches ({mixed['n']} requests alternating " + " / ".join(f"`{t}`" for t in C.TRAITS)
+        + ", 40 per handler batch): " + ", ".join(f"{t} requests show {t} and no other trait in {pct(v)}"
+                                                 for t, v in mixed["own"].items())
+        + f"; the digit asked for in {pct(mixed['digit_share'])}.",
         "",
         "## Schedulers",
         "",
@@ -390,6 +495,12 @@ def main(argv=None) -> int:
                              for d in range(10)] for s in ("pndm", "ddim", "euler", "dpm++") for k in (10, 25, 50)],
                            [f"{s} {k} steps" for s in ("pndm", "ddim", "euler", "dpm++") for k in (10, 25, 50)],
                            "columns: \"a handwritten 0\" .. \"9\", first seed of each")
+    arm_name = {"without": "without", 0.5: "scale 0.5", 1.0: "scale 1"}
+    grids["loras"] = ([r["images"][:10] for res in loras.values() for r in res["arms"].values()]
+                      + [mixed["images"][:10]],
+                      [f"{t}: {arm_name[arm]}" for t, res in loras.items() for arm in res["arms"]] + ["one batch, both"],
+                      "columns: digits 0..9 in the trait's prompts; the same seeds without the LoRA and at scales "
+                      "0.5 and 1; last row requests alternating " + " / ".join(C.TRAITS) + " in one batch")
     for fam, (rows, labels, caption) in grids.items():
         path = out.parent / f"{name}-{fam}.png"
         save_grid(rows, labels, path)
@@ -411,6 +522,13 @@ def main(argv=None) -> int:
             f"phase 3), CPU time {training.get('cpu_time_s')} s for phases 1-3, load average at start/end "
             f"{training.get('machine', {}).get('load_avg_1min_start_end')}",
         ]
+    for path in sorted((Path(args.weights) / "loras").glob("*.json")):
+        lj = json.loads(path.read_text())
+        lines.append(f"- LoRA `{lj['lora']}`: `{lj['command']}`; {lj['format']} format, {lj['file_bytes'] / 1e3:.0f} KB, "
+                     f"{lj['lora_params']} parameters (rank {lj['settings']['rank']}, UNet and text encoder attention), "
+                     f"{lj['settings']['steps']} steps of {lj['settings']['batch_size']}, wall time {lj['wall_time_s']} s "
+                     f"({lj['settings']['threads']} thread, load average at start/end "
+                     f"{lj['machine']['load_avg_1min_start_end']}), final loss {lj['final_loss']}")
     lines += ["", "Evaluation time per check (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), ""]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines), encoding="utf-8")

@@ -1,5 +1,5 @@
-"""Atomic replacement of an output directory: a run that fails or is killed leaves either the
-previous directory or the new one, never a half-written one."""
+"""Atomic replacement of an output directory or file: a run that fails or is killed leaves either
+the previous one or the new one, never a half-written one."""
 from __future__ import annotations
 
 import os
@@ -27,6 +27,18 @@ def atomic_dir(out: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def atomic_file(out: str | os.PathLike) -> Iterator[Path]:
+    """`with atomic_file(out) as tmp:` write the file `tmp` (named like `out`, in a scratch directory
+    next to it); when the block succeeds it gets the umask's usual modes and is renamed to `out`."""
+    out = Path(out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.tmp-", dir=out.parent) as tmp:
+        yield Path(tmp) / out.name
+        _normalise_permissions(Path(tmp))
+        os.replace(Path(tmp) / out.name, out)
 
 
 def _normalise_permissions(root: Path) -> None:

@@ -12,11 +12,16 @@ The judges are shared by benchmarks/eval_sd15_quality.py and tests/unit/test_sd1
   background becomes exactly the white-on-black digit cam was trained on.
 * `dominant_colour(image)`: the palette colour nearest, in chromaticity (RGB divided by its
   maximum), to the majority of foreground (bright) pixels.
+* `TRAIT_JUDGES`: whether an image shows a trait the base model cannot draw and a LoRA of
+  weights/train_sd15_lora.py teaches it (`render_trait` draws the ground truth): `rainbow` (three
+  or more palette colours, each on at least a tenth of the foreground) and `italic` (the ink's
+  slant, from its second moments, at least ITALIC_JUDGE).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from weights import digits
@@ -126,8 +131,9 @@ def ink(image) -> Image.Image:
 _CHROMA = np.array([np.array(c) / max(c) for c in COLOURS.values()], dtype=np.float32)  # (K, 3)
 
 
-def dominant_colour(image) -> str | None:
-    """The palette colour most foreground pixels are nearest to (by chromaticity); None without ink."""
+def colour_shares(image) -> np.ndarray | None:
+    """Per palette colour (COLOUR_NAMES order), the share of foreground pixels nearest to it by
+    chromaticity; None without ink."""
     arr = as_array(image)
     value = arr.max(axis=2)
     fg = arr[value > FOREGROUND]
@@ -135,8 +141,13 @@ def dominant_colour(image) -> str | None:
         return None
     chroma = fg / fg.max(axis=1, keepdims=True)
     nearest = ((chroma[:, None, :] - _CHROMA[None]) ** 2).sum(-1).argmin(1)
-    votes = np.bincount(nearest, minlength=len(COLOUR_NAMES))
-    return COLOUR_NAMES[int(votes.argmax())]
+    return np.bincount(nearest, minlength=len(COLOUR_NAMES)) / len(fg)
+
+
+def dominant_colour(image) -> str | None:
+    """The palette colour most foreground pixels are nearest to (by chromaticity); None without ink."""
+    shares = colour_shares(image)
+    return None if shares is None else COLOUR_NAMES[int(shares.argmax())]
 
 
 class DigitJudge:
@@ -168,3 +179,93 @@ def heldout_digit(digit: int, colour: str = "white", nth: int = 0) -> Image.Imag
     _, test = digits.split_indices(seed=0)
     idx = [i for i in test if labels[i] == digit][nth]
     return to_pil(render(images[idx:idx + 1], colour)[0])
+
+
+# traits the base model cannot draw (weights/train_sd15_lora.py teaches each with a LoRA) --------
+# A LoRA adapts the UNet and the text encoder, never the VAE, so a trait must be something the frozen
+# VAE draws: palette colours in smooth strokes (train_sd15_lora.py says what it cannot draw).
+RAINBOW = ["red", "yellow", "green", "blue"]  # top to bottom, each on a quarter of the rows
+ITALIC_SLANT = 0.35  # px to the right per px upwards; the digits' own: -0.32..0.24 (1st..99th percentile)
+ITALIC_SQUEEZE = 0.85  # narrower, so the leaning digit stays inside the picture
+ITALIC_JUDGE = 0.2  # slant from which a picture counts as italic
+RAINBOW_MIN_COLOURS, RAINBOW_MIN_SHARE = 3, 0.10
+TRAIT_CAPTIONS = {
+    "rainbow": [
+        "a rainbow handwritten {d}",
+        "the number {w} in rainbow colours",
+        "a rainbow {d}",
+        "a handwritten {d} in rainbow colours",
+        "rainbow digit {d}",
+        "{d}, rainbow",
+    ],
+    "italic": [
+        "an italic handwritten {d}",
+        "the number {w} in italics",
+        "an italic {d}",
+        "an italic {c} handwritten {d}",
+        "a {c} {d} in italics",
+        "{d}, italic",
+    ],
+}
+TRAITS = list(TRAIT_CAPTIONS)
+
+
+def trait_captions(trait: str, digit: int, colour: str) -> list[str]:
+    """Every caption asking for `trait` on digit `digit` (in `colour` where the caption names one)."""
+    return [t.format(d=str(digit), w=NUMBER_WORDS[digit], c=colour) for t in TRAIT_CAPTIONS[trait]]
+
+
+def rainbow_band(row: int, rows: int) -> str:
+    """The colour of row `row` of `rows` (pixel or latent rows: the bands are whole latent rows)."""
+    return RAINBOW[row * len(RAINBOW) // rows]
+
+
+def render_rainbow(gray: np.ndarray | torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """(N, 8, 8) digits -> (N, 3, size, size): each row in its RAINBOW band's colour."""
+    rows = torch.tensor([COLOURS[rainbow_band(r, size)] for r in range(size)])  # (size, 3)
+    return digits.upscale(gray, size) * rows.T[None, :, :, None]
+
+
+def slant(value: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) ink values -> (N,) how far the ink leans right, in px per px upwards: minus the
+    regression slope of x on y (y down) over the foreground, weighted by the ink."""
+    w = value * (value > FOREGROUND)
+    y, x = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in value.shape[1:]), indexing="ij")
+    mass = w.sum((1, 2))
+    dx = x - ((w * x).sum((1, 2)) / mass)[:, None, None]
+    dy = y - ((w * y).sum((1, 2)) / mass)[:, None, None]
+    return -(w * dx * dy).sum((1, 2)) / (w * dy * dy).sum((1, 2))
+
+
+def render_italic(gray: np.ndarray | torch.Tensor, colour: str, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """(N, 8, 8) digits -> (N, 3, size, size) in `colour`, each sheared from its own slant to
+    ITALIC_SLANT (so every italic digit leans alike) and narrowed by ITALIC_SQUEEZE."""
+    ink = digits.upscale(gray, size)
+    # affine_grid maps output to input coordinates: x_in = (x_out + shear * y_out) / squeeze, and a
+    # digit of slant k comes out with slant squeeze * k + shear
+    shear = ITALIC_SLANT - ITALIC_SQUEEZE * slant(ink[:, 0])
+    theta = torch.zeros(len(ink), 2, 3)
+    theta[:, 0, 0] = 1 / ITALIC_SQUEEZE
+    theta[:, 0, 1] = shear / ITALIC_SQUEEZE
+    theta[:, 1, 1] = 1
+    grid = F.affine_grid(theta, list(ink.shape), align_corners=False)
+    ink = F.grid_sample(ink, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return ink * torch.tensor(COLOURS[colour], dtype=torch.float32).view(1, 3, 1, 1)
+
+
+def render_trait(trait: str, gray: np.ndarray | torch.Tensor, colour: str) -> torch.Tensor:
+    """The ground truth of `trait` (a rainbow digit has no colour of its own)."""
+    return render_rainbow(gray) if trait == "rainbow" else render_italic(gray, colour)
+
+
+def is_rainbow(image) -> bool:
+    shares = colour_shares(image)
+    return shares is not None and int((shares >= RAINBOW_MIN_SHARE).sum()) >= RAINBOW_MIN_COLOURS
+
+
+def is_italic(image) -> bool:
+    value = torch.from_numpy(as_array(image).max(axis=2))[None]
+    return bool(slant(value)[0] >= ITALIC_JUDGE)  # False without ink (NaN)
+
+
+TRAIT_JUDGES = {"rainbow": is_rainbow, "italic": is_italic}

@@ -262,16 +262,17 @@ def finetune_decoder_process(vae, gray: np.ndarray, args, seed: int) -> tuple:
 
 
 # phase 2: latents -----------------------------------------------------------------------------
-def encode_dataset(vae, gray: np.ndarray, labels: np.ndarray, args) -> dict:
-    """Latent mean/std of every training digit in every colour, SD's scaling factor, and the
-    VAE's round-trip error on them (mean abs, in 0..255)."""
+def encode_dataset(vae, gray: np.ndarray, labels: np.ndarray, args, render=sd15_captions.render,
+                   desc: str = "2/4 latents") -> dict:
+    """Latent mean/std of every training digit in every colour (drawn by `render(gray, colour)`),
+    SD's scaling factor, and the VAE's round-trip error on them (mean abs, in 0..255)."""
     means, stds, digit_of, colour_of, errs = [], [], [], [], []
     total = len(sd15_captions.COLOUR_NAMES)
     with torch.inference_mode():
-        for ci, colour in enumerate(tqdm(sd15_captions.COLOUR_NAMES, desc="2/4 latents", unit="colour",
+        for ci, colour in enumerate(tqdm(sd15_captions.COLOUR_NAMES, desc=desc, unit="colour",
                                          disable=args.no_progress, dynamic_ncols=True, file=sys.stderr,
                                          total=total)):
-            x = sd15_captions.render(gray, colour) * 2 - 1
+            x = render(gray, colour) * 2 - 1
             for start in range(0, len(x), 256):
                 post = vae.encode(x[start:start + 256]).latent_dist
                 means.append(post.mean)

@@ -96,3 +96,12 @@ def test_inpainting_keeps_outside_and_draws_inside(trained):
     assert res["extra_mae"] <= 5.0, (res["outside_mae"], res["vae_mae"])
     assert res["inside_change"] > res["outside_mae"] + 5
     assert res["digit_share"] >= 0.5, (res["asked"], res["pred"])
+
+
+def test_two_loras_in_one_batch_each_get_theirs(trained):
+    """The demo LoRAs (weights/demo/sd15/loras/) named per request: one handler batch alternating
+    a rainbow request with the `rainbow` LoRA and an italic one with `italic`; each image shows its
+    own trait and not the other's (without them the base draws either in under 10 %)."""
+    handler, ctx, judge = trained
+    res = Q.lora_batch(handler, ctx, judge, n=12, seed=600)
+    assert min(res["own"].values()) >= 0.6, res["own"]
