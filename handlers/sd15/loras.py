@@ -14,7 +14,7 @@ import logging
 import os
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from safetensors import SafetensorError, safe_open
 
@@ -102,14 +102,14 @@ class LoraLibrary:
         self.itemsize = itemsize
         self._files: dict[str, LoraFile] = {}
         self._hashes: dict[tuple[str, tuple[int, int]], str] = {}
-        self._failed: dict[str, tuple[tuple[int, int], str]] = {}  # name -> (stamp, why its load failed)
         self.loaded: OrderedDict[str, LoraFile] = OrderedDict()  # least recently used first
         self._enabled = True
 
     # the folder --------------------------------------------------------------------------
     def scan(self) -> dict[str, LoraFile]:
         """Every `*.safetensors` of the folder by name (file stem); a file is read again only when
-        its size or mtime changed. Pickled files are listed as refused."""
+        its size or mtime changed (so a file whose load failed stays refused until it changes).
+        Pickled files are listed as refused."""
         files: dict[str, LoraFile] = {}
         try:
             entries = sorted(os.scandir(self.folder), key=lambda e: e.name)
@@ -127,9 +127,6 @@ class LoraLibrary:
                 continue
             known = self._files.get(stem)
             files[stem] = known if known is not None and known.stamp == stamp else read_lora(stem, entry.path, stamp)
-            failed = self._failed.get(stem)
-            if failed and failed[0] == stamp and files[stem].error is None:
-                files[stem] = LoraFile(stem, entry.path, stamp, error=failed[1])
         self._files = files
         return files
 
@@ -193,10 +190,10 @@ class LoraLibrary:
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
                 pipe.load_lora_weights(f.path, adapter_name=f.name)
         except Exception as exc:  # noqa: BLE001 - a file that does not fit this model is the request's error
-            if f.name in (pipe.get_list_adapters().get("unet", []) + pipe.get_list_adapters().get("text_encoder", [])):
+            if any(f.name in names for names in pipe.get_list_adapters().values()):
                 pipe.delete_adapters([f.name])
             why = f"does not fit this model: {str(exc).splitlines()[0][:300]}"
-            self._failed[f.name] = (f.stamp, why)
+            self._files[f.name] = replace(f, error=why)
             logger.warning("sd15: LoRA %s %s", f.path, why)
             raise RequestError("loras", f"LoRA '{f.name}' {why}") from None
         self.loaded[f.name] = f

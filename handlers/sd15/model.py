@@ -100,7 +100,7 @@ class Sd15Model(ServedModel):
 
     def validation_context(self) -> dict:
         return {"max_pixels": int(self.config["max_image_pixels"]), "native_size": self.native_size,
-                "loras": self.loras.usable()}
+                "loras": self.loras.usable}  # called only by a request that names LoRAs: it rescans the folder
 
     def capabilities(self) -> dict:
         return {"schedulers": list(SCHEDULERS), "modes": ["txt2img", "img2img", "inpaint"],

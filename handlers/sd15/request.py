@@ -8,7 +8,7 @@ counts of the real SD1.5 UNet and VAE, so the limits hold for the real model at 
 from __future__ import annotations
 
 import json
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Callable, ClassVar, Literal
 
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 from PIL import Image
@@ -122,7 +122,7 @@ class Sd15Request(SeededImages):
     def _resolve(self, info: ValidationInfo):
         """Decodes the images and resolves the defaults of strength, width and height."""
         ctx = info.context
-        self._check_loras(ctx.get("loras", {}))
+        self._check_loras(ctx["loras"])
         if self.image is None:
             for name in ("strength", "mask"):
                 if getattr(self, name) is not None:
@@ -154,10 +154,12 @@ class Sd15Request(SeededImages):
                 self._mask = self._mask.resize((self.width, self.height))
         return self
 
-    def _check_loras(self, usable: dict[str, int]) -> None:
-        """The LoRAs exist in the folder, each once, within the target's count, scale and memory limits."""
+    def _check_loras(self, usable_loras: Callable[[], dict[str, int]]) -> None:
+        """The LoRAs exist in the folder (`usable_loras()`: name -> loaded bytes), each once, within
+        the target's count, scale and memory limits."""
         if not self.loras:
             return
+        usable = usable_loras()
         most, (low, high), budget = self.limits["max_loras"], self.limits["lora_scales"], self.limits["lora_cache_mb"]
         if len(self.loras) > most:
             raise RequestError("loras", f"at most {most} LoRAs per request (max_loras), got {len(self.loras)}")

@@ -17,6 +17,7 @@ from harness.inprocess import demo_weights
 from harness.loras import random_lora
 from harness.torchserve import TorchServeInstance, run_archive_sh
 from harness.traffic import assert_bad_input_refused
+from weights import sd15_captions as C
 
 BASE = {"prompt": "a lighthouse at dusk", "steps": 3, "width": 64, "height": 64}
 
@@ -64,6 +65,26 @@ def test_1024_response_fits_the_size_limit(server):
                 ["max_response_size"])
     assert len(resp.content) < limit
 
+
+
+def test_the_demo_archive_serves_its_trained_loras(server):
+    """The demo archive carries the LoRAs of weights/demo/sd15/loras/: describe lists them, and
+    "a rainbow handwritten 7"-style prompts come out in rainbow bands with `rainbow` and not without
+    (an image at a time, as a user sends them; the judge is weights/sd15_captions.py's)."""
+    (desc,) = server.client.describe("sd15", customized=True)
+    meta = desc["customizedMetadata"]
+    meta = json.loads(meta) if isinstance(meta, str) else meta
+    assert {(d["name"], d["format"]) for d in meta["loras"]} == {("rainbow", "diffusers"), ("italic", "kohya")}
+
+    def shows_rainbow(payload):
+        resp = server.client.predict_raw("sd15", payload, accept="image/png")
+        assert resp.status_code == 200, resp.text[:300]
+        return C.is_rainbow(Image.open(io.BytesIO(resp.content)).convert("RGB"))
+
+    bodies = [{"prompt": f"a rainbow handwritten {d}", "steps": 25, "seed": d} for d in range(4)]
+    with_lora = sum(shows_rainbow({**b, "loras": [{"name": "rainbow"}]}) for b in bodies)
+    without = sum(shows_rainbow(b) for b in bodies)
+    assert with_lora >= 3 and without <= 1, (with_lora, without)
 
 
 @pytest.fixture(scope="module")
