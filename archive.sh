@@ -18,6 +18,9 @@
 # a file that is no SD1.5 checkpoint is refused in one line (docs/your-own-sd.md).
 # --handler FILE (one model only) archives FILE as the entry point instead of
 # handlers/MODEL/handler.py, e.g. a test double that subclasses it.
+# With ddpm or sd15 (or named: MODEL jobs) it also builds jobs.mar, cancel and status by request
+# id for them (handlers/jobs/, docs/jobs.md): no weights, one config for every target
+# (model_configs/jobs.yaml).
 # The archive is built in a temp dir and moved into place, so a failed run never leaves a
 # half-written archive; an unchanged input set is detected by a fingerprint and skipped.
 set -euo pipefail
@@ -81,10 +84,22 @@ weights_for() {  # model -> weights directory (or sd15's single file)
   else echo "$here/weights/$profile/$1"; fi
 }
 
+jobs=0
 if [ ${#models[@]} -eq 0 ]; then
   for m in "${known[@]}"; do [ -e "$(weights_for "$m")" ] && models+=("$m"); done
   [ ${#models[@]} -gt 0 ] || die "no weights found under weights/$profile/ (run 'make weights PROFILE=$profile')"
 fi
+if [[ " ${models[*]} " == *" jobs "* ]]; then
+  jobs=named; rest=(); for m in "${models[@]}"; do [ "$m" = jobs ] || rest+=("$m"); done; models=("${rest[@]}")
+fi
+[ "$jobs" = named ] || [[ " ${models[*]} " != *" ddpm "* && " ${models[*]} " != *" sd15 "* ]] || jobs=1
+if [ "$jobs" != 0 ] && [ ! -f "$configs/jobs.yaml" ]; then
+  # Named, it must be built; beside ddpm / sd15 from a configs dir without it (MODEL_CONFIGS), it is left out.
+  [ "$jobs" != named ] || die "no config for the jobs archive: $configs/jobs.yaml"
+  echo "archive.sh: $configs/jobs.yaml not found: the jobs archive (cancel and status by request id) is not built"
+  jobs=0
+fi
+[ ${#models[@]} -gt 0 ] || [ "$jobs" != 0 ] || die "no model to build"
 [ -z "$weights_override" ] || [ ${#models[@]} -eq 1 ] || die "--weights applies to one model at a time"
 [ -z "$name" ] || [ ${#models[@]} -eq 1 ] || die "--name applies to one model at a time"
 [ -z "$handler_override" ] || [ ${#models[@]} -eq 1 ] || die "--handler applies to one model at a time"
@@ -95,7 +110,7 @@ done
 
 # A target is a name with a model config for every model being built (nothing lists them).
 targets_of() { local f; for f in "$configs/$1"/*.yaml; do [ ! -f "$f" ] || basename "$f" .yaml; done | LC_ALL=C sort; }
-available="$(targets_of "${models[0]}")"
+[ ${#models[@]} -gt 0 ] && available="$(targets_of "${models[0]}")" || available="$target"
 for m in "${models[@]}"; do
   available="$(comm -12 <(echo "$available") <(targets_of "$m"))"
 done
@@ -194,3 +209,28 @@ for m in "${models[@]}"; do
   rm -rf "$work"; trap - EXIT
   echo "archive.sh: wrote $out ($(du -sh "$out" | cut -f1), $(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}') s)"
 done
+
+# The jobs archive: the code of handlers/jobs (and the core it imports), its one config. Built
+# and moved into place like the others; unchanged inputs are skipped.
+if [ "$jobs" != 0 ]; then
+  fp="$({ echo "$version"; (cd "$here" && find $(code_of jobs) -name '*.py' -type f | LC_ALL=C sort | xargs sha256sum)
+          sha256sum < "$configs/jobs.yaml"; } | sha256sum | cut -d' ' -f1)"
+  fname="jobs"; [ "$version" = "1.0" ] || fname="jobs-$version"
+  out="$store/$fname.mar"; stamp="$store/.$fname.fingerprint"
+  if [ "$force" = 0 ] && [ -e "$out" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$fp" ]; then
+    echo "archive.sh: $fname is up to date ($out)"
+  else
+    work="$(mktemp -d "$store/.build-$fname.XXXXXX")"
+    trap 'rm -rf "$work"' EXIT
+    mkdir -p "$work/extra" "$work/out" "$work/tmp"
+    (cd "$here" && find $(code_of jobs) -name '*.py' -type f -exec cp --parents {} "$work/extra/" \;)
+    TMPDIR="$work/tmp" "$archiver" --model-name jobs --version "$version" --handler "$here/handlers/jobs/handler.py" \
+      --extra-files "$work/extra" --config-file "$configs/jobs.yaml" --export-path "$work/out" \
+      || die "torch-model-archiver failed for jobs"
+    rm -rf "$out" "$stamp"
+    mv "$work/out/jobs.mar" "$out"
+    echo "$fp" > "$stamp"
+    rm -rf "$work"; trap - EXIT
+    echo "archive.sh: wrote $out ($(du -sh "$out" | cut -f1))"
+  fi
+fi

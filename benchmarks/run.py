@@ -1,6 +1,6 @@
 """`make bench`: runs each model's benchmark and writes benchmarks/results/latest.json + .md.
 
-    python -m benchmarks.run [cam ddpm ddpm_workload sd15 limits]
+    python -m benchmarks.run [cam ddpm ddpm_workload sd15 loras limits streaming jobs]
 
 Results of models not run this time are kept from the previous latest.json. Each figure is a
 ratio or a latency measured within one run (this machine is noisy: compare ratios, not times).
@@ -23,8 +23,9 @@ import torch
 from benchmarks import RESULTS
 
 # benchmarks/bench_<name>.py; limits: speed estimates; ddpm_workload: static vs step-level batching;
-# streaming: what NDJSON progress and previews cost; loras: what LoRAs per request cost
-MODELS = ("cam", "ddpm", "ddpm_workload", "sd15", "loras", "limits", "streaming")
+# streaming: what NDJSON progress and previews cost; loras: what LoRAs per request cost; jobs: how
+# fast a cancel stops a request
+MODELS = ("cam", "ddpm", "ddpm_workload", "sd15", "loras", "limits", "streaming", "jobs")
 # A goal is machine-checkable when it starts with a comparison and a plain number (not a percentage).
 GOAL = re.compile(r"\s*(>=|<=|>|<)\s*(-?\d+(?:\.\d+)?)(?![\d.])(?!\s*%)")
 COMPARE = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}

@@ -179,7 +179,7 @@ class TorchServeClient:
                     if not line:
                         continue
                     event = json.loads(line)
-                    if event.get("event") == "error":
+                    if event.get("event") in ("error", "cancelled"):
                         raise ServerError(int(event.get("status") or 500), event, url)
                     yield event
                     if event.get("event") == "result":
@@ -187,6 +187,18 @@ class TorchServeClient:
             except requests.RequestException as exc:
                 raise StreamBroken(type(exc).__name__, url) from exc
             raise StreamBroken("connection closed", url)
+
+    # request ids: the `jobs` archive (docs/jobs.md) ---------------------------------------------
+    def cancel(self, model: str, request_id: str) -> dict:
+        """Cancels the `model` request with this id: running, it stops after its current step and
+        is answered 499; not arrived yet, it is refused when it arrives within `cancel_wait_s`.
+        The answer says which (`state`: cancelling, not running, or how it already ended)."""
+        return self.predict("jobs", {"action": "cancel", "model": model, "request_id": request_id})
+
+    def job_status(self, model: str, request_id: str) -> dict:
+        """Where the `model` request with this id is: `state` running (with `step`, `total`,
+        `eta_s`), finished, cancelled or failed; ServerError 404 when nothing is known of it."""
+        return self.predict("jobs", {"action": "status", "model": model, "request_id": request_id})
 
     # management API -----------------------------------------------------------------------
     def list_models(self) -> list[dict]:

@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ServerError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the request was cancelled on the server (clients/progress.py)
+        return 130
     for path in result["paths"]:
         print(path)
     print(f"{result['mode']} {result['width']}x{result['height']}, {result['steps']} steps, seed {result['seed']}")

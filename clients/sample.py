@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     except ServerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the request was cancelled on the server (clients/progress.py)
+        return 130
     print(f"{len(got['paths'])} samples (seed {got['seed']}) in {args.out}, grid {got['grid']}"
           f"{', trajectory GIF' if args.trajectory else ''} ({time.monotonic() - started:.1f} s)")
     return 0

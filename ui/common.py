@@ -90,7 +90,20 @@ def streamed(client: TorchServeClient, model: str, payload: dict, progress: gr.M
              previews: gr.Gallery) -> Generator[dict, None, dict]:
     """Runs `payload` as a streaming request (`"stream": true`): yields updates of the progress
     line (step, elapsed, the server's ETA) and of the gallery (the previews) as the events
-    arrive; returns the final response (use with `yield from`). Errors raise ServerError."""
+    arrive; returns the final response (use with `yield from`), or None when the request was
+    cancelled (the progress line then says at which step). Errors raise ServerError."""
+    try:
+        return (yield from _events(client, model, payload, progress, previews))
+    except ServerError as exc:
+        if not (isinstance(exc.body, dict) and exc.body.get("cancelled")):
+            raise
+        yield {progress: f"cancelled at step {exc.body['stopped_at_step']}"
+                         + (f" of {exc.body['total']}" if exc.body.get("total") else " (before it started)")}
+        return None
+
+
+def _events(client: TorchServeClient, model: str, payload: dict, progress: gr.Markdown,
+            previews: gr.Gallery) -> Generator[dict, None, dict]:
     for event in client.stream(model, payload):
         kind = event["event"]
         if kind == "progress":

@@ -54,6 +54,8 @@ def build(demo: gr.Blocks, client: TorchServeClient) -> None:
         payload = {k: v for k, v in payload.items() if v is not None}
         yield {info: f"sampling {steps_} steps ..."}
         result = yield from streamed(client, MODEL, payload, info, gallery)
+        if result is None:  # cancelled by its id elsewhere: the progress line says at which step
+            return
         gif = None
         if result.get("trajectory"):
             gif = Path(_GIFS.name) / f"trajectory-{uuid.uuid4().hex}.gif"

@@ -1,7 +1,10 @@
 """Stable Diffusion tab: txt2img; img2img when a start image is given; inpainting when a mask is
 painted over it in the browser (Gradio's image editor; painted = repaint). The seed used is
-shown, and "Reuse seed" puts it back into the seed field."""
+shown, and "Reuse seed" puts it back into the seed field. "Cancel" stops the running request on
+the server by its request id (the `jobs` archive, docs/jobs.md)."""
 from __future__ import annotations
+
+import secrets
 
 import gradio as gr
 import numpy as np
@@ -66,7 +69,10 @@ def build(demo: gr.Blocks, client: TorchServeClient) -> None:
                     strength = gr.Textbox(label="Strength", placeholder="0.75 img2img, 1.0 inpainting",
                                           elem_id="sd15-strength")
                     fields.slot("strength")
-                run = gr.Button("Generate", variant="primary", elem_id="sd15-run")
+                with gr.Row():
+                    run = gr.Button("Generate", variant="primary", elem_id="sd15-run", scale=3)
+                    cancel = gr.Button("Cancel", variant="stop", elem_id="sd15-cancel", scale=1)
+                request_id = gr.Textbox(label="Request id", interactive=False, elem_id="sd15-request-id")
                 fields.status_line()
             with gr.Column(scale=1):
                 info = gr.Markdown(elem_id="sd15-info")
@@ -103,8 +109,11 @@ def build(demo: gr.Blocks, client: TorchServeClient) -> None:
                    "image": image and b64_png(image), "mask": mask and b64_png(mask),
                    "strength": optional_number(strength_, "strength", float)}
         payload = {k: v for k, v in payload.items() if v is not None}
-        yield {info: f"generating {steps_} steps ..."}
+        payload["request_id"] = secrets.token_urlsafe(16)  # the page's own, so that Cancel can name it
+        yield {info: f"generating {steps_} steps ...", request_id: payload["request_id"]}
         result = yield from streamed(client, MODEL, payload, info, gallery)
+        if result is None:  # cancelled: the progress line says at which step
+            return
         strength_text = f", strength {result['strength']}" if result.get("strength") is not None else ""
         warnings = "".join(f"\n\n⚠ {w}" for w in result.get("warnings", []))
         yield {
@@ -117,8 +126,14 @@ def build(demo: gr.Blocks, client: TorchServeClient) -> None:
 
     demo.load(fields.guarded(load), outputs=[scheduler, steps, guidance, width, height, num_images, strength,
                                              *fields.outputs])
+    def cancel_request(request_id_: str):
+        if request_id_:
+            client.cancel(MODEL, request_id_)
+        yield {}
+
     run.click(fields.guarded(generate),
               inputs=[prompt, negative, steps, guidance, width, height, scheduler, num_images, seed, editor, strength],
-              outputs=[gallery, seed_used, info, *fields.outputs])
+              outputs=[gallery, seed_used, info, request_id, *fields.outputs])
+    cancel.click(fields.guarded(cancel_request), inputs=request_id, outputs=fields.outputs)
     editor.change(describe_mode, inputs=editor, outputs=mode, trigger_mode="always_last")
     reuse.click(lambda used: used, inputs=seed_used, outputs=seed)

@@ -116,7 +116,10 @@ class TorchServeHandler(BaseHandler):
         self.model.archive = {"model": manifest.get("modelName", context.model_name),
                               "version": manifest.get("modelVersion"), **self.archive_info()}
         name = manifest.get("modelName", context.model_name)
-        server = Server(name, manifest.get("modelVersion"), int(yaml.get("batchSize", 0) or 0) or None, Jobs(name))
+        # Models whose requests have ids (the generation models) track them: handlers/core/jobs.py.
+        ids = "request_id" in self.model.request.model_fields
+        jobs = Jobs(name, status_keep_s=float(config["job_status_keep_s"])) if ids else None
+        server = Server(name, manifest.get("modelVersion"), int(yaml.get("batchSize", 0) or 0) or None, jobs)
         self.static_loop = StaticLoop(self.model, server)
         self.step_loop = StepLoop(self.model, server) if yaml.get("continuousBatching") else None  # ValueError without step hooks
         envelope.pass_through(TorchServeHandler)

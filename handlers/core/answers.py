@@ -72,7 +72,8 @@ def result_event(response) -> dict:
 
 
 def error_event(err: RequestError) -> dict:
-    return {"event": "error", **err.body(), "status": err.status}
+    """A stream's last event when it ends without a result: `cancelled` (handlers/core/jobs.py) or `error`."""
+    return {"event": "cancelled" if err.extra.get("cancelled") else "error", **err.body(), "status": err.status}
 
 
 def stream_head(batch_size: int) -> Reply:

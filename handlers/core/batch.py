@@ -90,6 +90,9 @@ class Group:
 
     shared: dict[str, Any]
     requests: list[Pending]
+    # Pending.idx -> the step after which it was cancelled (handlers/core/jobs.py); the progress
+    # callback fills it in and raises GroupCancelled once every request of the group is in it.
+    cancelled: dict[int, int] = field(default_factory=dict)
 
     def per_image(self, name: str) -> list:
         return [getattr(p.params, name) for p in self.requests for _ in range(p.params.images_requested)]
@@ -108,6 +111,10 @@ class Group:
             starts.append(n)
             n += p.params.images_requested
         return starts
+
+
+class GroupCancelled(Exception):
+    """Every request of a group was cancelled: its denoising loop stops where it is."""
 
 
 def group_of(pending: Pending) -> Group:

@@ -2,20 +2,22 @@
 (`{"error", "field"}` with its HTTP status), while the other requests of the same batch go on."""
 from __future__ import annotations
 
-REASONS = {400: "Bad Request", 409: "Conflict", 503: "Service Unavailable"}
+REASONS = {400: "Bad Request", 404: "Not Found", 409: "Conflict", 499: "Cancelled", 503: "Service Unavailable"}
 
 
 class RequestError(Exception):
     """A problem with one request; becomes an HTTP error for that request only."""
 
-    def __init__(self, field: str | None, message: str, status: int = 400):
+    def __init__(self, field: str | None, message: str, status: int = 400, extra: dict | None = None):
+        """`extra`: more members of the error body (a cancelled request's `stopped_at_step`)."""
         super().__init__(message)
         self.field = field
         self.message = message
         self.status = status
+        self.extra = extra or {}
 
     def body(self) -> dict:
-        return {"error": self.message, "field": self.field}
+        return {"error": self.message, "field": self.field, **self.extra}
 
     @property
     def reason(self) -> str:

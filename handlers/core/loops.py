@@ -7,6 +7,9 @@
   the server's request id; each call runs one time slice of steps of every request in flight and
   answers those that finished. The state of the requests in flight is the loop's own.
 
+Both record each generation request's progress by its id and stop it after the step in which a
+cancel for it arrives (handlers/core/jobs.py, docs/jobs.md).
+
 Every answer is written by handlers/core/answers.py.
 """
 from __future__ import annotations
@@ -28,6 +31,7 @@ from handlers.core.batch import (
     REST,
     Admitted,
     Group,
+    GroupCancelled,
     Incoming,
     Outcome,
     Pending,
@@ -35,7 +39,7 @@ from handlers.core.batch import (
 from handlers.core.bodies import json_body
 from handlers.core.budget import charge, streaming
 from handlers.core.errors import RequestError, internal_error
-from handlers.core.jobs import Jobs
+from handlers.core.jobs import Jobs, cancelled_error
 from handlers.core.model import ServedModel
 from handlers.core.streaming import BatchStreams, Channel, no_progress, request_id_of
 
@@ -104,6 +108,7 @@ def admit(model: ServedModel, inc: Incoming, flat: list, server: Server) -> Admi
             png = inc.protocol == REST and inc.wants_png and model.png_ok(params)
             if server.jobs is not None and getattr(params, "request_id", None):
                 server.jobs.claim(params.request_id)  # the last check: a refused request claims nothing
+                server.jobs.report(params.request_id, 0, model.steps_total(params), 0.0, None)
             item = Pending(len(flat), params, png=png, explain=inc.explain, origin=inc.idx)
         except RequestError as err:
             item = err
@@ -122,25 +127,89 @@ def answer(req: Admitted, outcomes: list[Outcome], batch_size: int, server: Serv
     return answers.kserve_reply(req, outcomes, batch_size, server.model_name, server.model_version)
 
 
-def run_group(model: ServedModel, members: list[Pending], progress) -> list[Outcome]:
+class JobProgress:
+    """The progress callback of groups on a server that tracks request ids: after every step it
+    records each request's progress, notes in `group.cancelled` the requests cancelled meanwhile,
+    stops the group (GroupCancelled) once all of it is cancelled, and passes on to `then` (the
+    streams) for the others."""
+
+    def __init__(self, model: ServedModel, jobs: Jobs, then):
+        self.model, self.jobs, self.then = model, jobs, then
+        self.totals: dict[int, int] = {}
+
+    def total(self, p: Pending) -> int:
+        if p.idx not in self.totals:
+            self.totals[p.idx] = self.model.steps_total(p.params)
+        return self.totals[p.idx]
+
+    def __call__(self, group: Group, step: int, group_started: float, previews=None) -> None:
+        elapsed = time.monotonic() - group_started
+        for p in group.requests:
+            rid = request_id_of(p)
+            if rid is None or p.idx in group.cancelled:
+                continue
+            if self.jobs.cancel_requested(rid):
+                group.cancelled[p.idx] = step
+                continue
+            total = self.total(p)
+            self.jobs.report(rid, step, total, elapsed, elapsed / step * (total - step) if step else None)
+        if group.cancelled and len(group.cancelled) == len(group.requests):
+            raise GroupCancelled
+        self.then(group, step, group_started, previews)
+
+
+def run_group(model: ServedModel, members: list[Pending], progress, jobs: Jobs | None = None) -> list[Outcome]:
     """One forward pass for requests that share their batched fields; one outcome per request.
-    A failing group fails its own requests only."""
-    group = Group(shared=members[0].params.shared(), requests=members)
+    A failing group fails its own requests only; a cancelled request is answered 499 (one
+    cancelled before its group started does not join it)."""
+    gone = {p.idx for p in members if jobs is not None and (rid := request_id_of(p)) and jobs.cancel_requested(rid)}
+    group = Group(shared=members[0].params.shared(), requests=[p for p in members if p.idx not in gone])
+    group.cancelled.update(dict.fromkeys(gone, 0))
+    if jobs is not None:
+        progress = JobProgress(model, jobs, progress)
     try:
-        started = time.perf_counter()
-        results = model.run_group(group, progress)
-        model.budget.observe(time.perf_counter() - started, sum(p.params.cost() for p in members))
+        results = []
+        if group.requests:
+            started = time.perf_counter()
+            try:
+                results = model.run_group(group, progress)
+            except GroupCancelled:
+                pass
+            if not group.cancelled:
+                model.budget.observe(time.perf_counter() - started, sum(p.params.cost() for p in members))
         outcomes, start = [], 0
         for p in members:
             n = p.params.images_requested
-            outcomes.append(model.respond(p, results[start : start + n]))
-            start += n
-        return outcomes
+            if p.idx in group.cancelled:
+                total = model.steps_total(p.params)
+                outcomes.append(Outcome(error=cancelled_error(request_id_of(p), group.cancelled[p.idx], total)))
+            else:
+                outcomes.append(model.respond(p, results[start : start + n]))
+            if p.idx not in gone:
+                start += n
     except RequestError as err:
-        return [Outcome(error=err)] * len(members)
+        outcomes = [Outcome(error=err)] * len(members)
     except Exception as exc:  # noqa: BLE001 - one failing group must not fail the batch
         logger.exception("group of %d requests failed", len(members))
-        return [Outcome(error=internal_error(exc))] * len(members)
+        outcomes = [Outcome(error=internal_error(exc))] * len(members)
+    if jobs is not None:
+        for p, outcome in zip(members, outcomes):
+            record_end(jobs, p, outcome)
+    return outcomes
+
+
+def record_end(jobs: Jobs, pending: Pending, outcome: Outcome) -> None:
+    """A generation request's last state for status queries: finished, cancelled or failed."""
+    rid = request_id_of(pending)
+    if rid is None:
+        return
+    err = outcome.error
+    if err is None:
+        jobs.end(rid, "finished")
+    elif err.extra.get("cancelled"):
+        jobs.end(rid, "cancelled", stopped_at_step=err.extra["stopped_at_step"], total=err.extra.get("total"))
+    else:
+        jobs.end(rid, "failed", error=err.message, status=err.status)
 
 
 class StaticLoop:
@@ -169,6 +238,8 @@ class StaticLoop:
                 spent += charge(item.params)
                 if spent > self.model.budget.units:
                     flat[i] = RequestError(None, BUSY, 503)
+                    if self.server.jobs is not None:
+                        record_end(self.server.jobs, item, Outcome(error=flat[i]))
         outcomes: list[Any] = [Outcome(error=p) if isinstance(p, RequestError) else None for p in flat]
         pendings = [p for p in flat if isinstance(p, Pending)]
         streamed = [p for p in pendings if p.streaming]
@@ -176,8 +247,9 @@ class StaticLoop:
         groups: dict[tuple, list[Pending]] = {}
         for p in pendings:
             groups.setdefault(p.params.batch_key(), []).append(p)
+        progress = streams.progress if streams else no_progress
         for members in groups.values():
-            for p, outcome in zip(members, run_group(self.model, members, streams.progress if streams else no_progress)):
+            for p, outcome in zip(members, run_group(self.model, members, progress, self.server.jobs)):
                 outcomes[p.idx] = outcome
         replies = []
         for req in admitted:
@@ -220,7 +292,10 @@ class StepLoop:
     """Step-level batching (see the module docstring). The model implements the step hooks:
 
         start_stepping()              once, when the loop is made
-        take_off(pending) -> flight   a request's own sampling state (`.done`, `.events`)
+        take_off(pending, watch) -> flight
+                                      a request's own sampling state (`.done`, `.events`,
+                                      `.cancelled_at`); it calls `watch(step, total)` (when not
+                                      None) after each step and ends at once when it says True
         run_slice(flights)            steps of these flights for one time slice
         land(flight) -> results       one result per image, as run_group gives them
 
@@ -251,7 +326,12 @@ class StepLoop:
     def step(self, batch: list[Incoming], batch_size: int) -> list[tuple[Reply, bool | None]]:
         ids = [inc.request_id for inc in batch]
         for gone in set(self.in_flight) - set(ids):  # the server dropped it (client closed)
-            self.server.release(self.in_flight.pop(gone).pendings)
+            t = self.in_flight.pop(gone)
+            if self.server.jobs is not None:
+                for i, f in t.flights.items():
+                    record_end(self.server.jobs, t.pendings[i], Outcome(error=cancelled_error(
+                        request_id_of(t.pendings[i]), f.k, self.model.steps_total(t.pendings[i].params))))
+            self.server.release(t.pendings)
         new = set()
         for inc in batch:
             if inc.request_id not in self.in_flight:
@@ -278,11 +358,28 @@ class StepLoop:
                 t.outcomes[i] = Outcome(error=item)
                 continue
             try:
-                t.flights[i] = self.model.take_off(item)
+                t.flights[i] = self.model.take_off(item, self.watch(item))
             except Exception as exc:  # noqa: BLE001 - one failing request must not fail the others
                 logger.exception("admitting request %s failed", inc.request_id)
                 t.outcomes[i] = Outcome(error=internal_error(exc))
         return t
+
+    def watch(self, pending: Pending):
+        """`watch(step, total) -> cancelled?` for a request's flight: records its progress by id
+        and reads whether a cancel for it stands; None on a server without ids."""
+        jobs, rid = self.server.jobs, request_id_of(pending)
+        if jobs is None or rid is None:
+            return None
+        started = time.monotonic()
+
+        def watch(step: int, total: int) -> bool:
+            if jobs.cancel_requested(rid):
+                return True
+            elapsed = time.monotonic() - started
+            jobs.report(rid, step, total, elapsed, elapsed / step * (total - step) if step else None)
+            return False
+
+        return watch
 
     def message(self, t: InFlight, inc: Incoming, first: bool, batch_size: int) -> tuple[Reply, bool | None]:
         events: list[dict] = []
@@ -291,6 +388,11 @@ class StepLoop:
         for i, f in list(t.flights.items()):
             if f.done:
                 del t.flights[i]
+                if f.cancelled_at is not None:
+                    params = t.pendings[i].params
+                    t.outcomes[i] = Outcome(error=cancelled_error(params.request_id, f.cancelled_at,
+                                                                  self.model.steps_total(params)))
+                    continue
                 try:
                     t.outcomes[i] = self.model.respond(t.pendings[i], self.model.land(f))
                 except Exception as exc:  # noqa: BLE001
@@ -301,6 +403,10 @@ class StepLoop:
             return (answers.running(t.content_type(), batch_size, body) if first else answers.later(body)), False
         self.server.release(self.in_flight.pop(inc.request_id).pendings)
         outcomes = [t.outcomes[i] for i in range(len(t.pendings))]
+        if self.server.jobs is not None:
+            for p, outcome in zip(t.pendings, outcomes):
+                if isinstance(p, Pending):
+                    record_end(self.server.jobs, p, outcome)
         if t.streamed:
             body = answers.stream_end(outcomes[0], events if outcomes[0].error is None else [],
                                       request_id_of(t.pendings[0]))

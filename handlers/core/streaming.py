@@ -9,6 +9,7 @@ curl). Its response is `application/x-ndjson`, one JSON object per line:
     {"event": "preview", "step": 5, "total": 10, "images": ["<base64 PNG>", ...]}
     {"event": "result", "response": {...exactly the non-streaming JSON response...}}
     {"event": "error", "error": "...", "field": null, "status": 500}      (instead of result)
+    {"event": "cancelled", "error": "...", "stopped_at_step": 4, ..., "status": 499}   (docs/jobs.md)
 
 Only the streaming requests of a batch get messages before the end, so the others of the same
 batch get their ordinary response, byte for byte. A request's status, content type and headers go
@@ -83,7 +84,7 @@ class BatchStreams:
         due: dict[int, list[int]] = {}
         messages: dict[int, list[dict]] = {}
         for p, start in zip(group.requests, group.first_images()):
-            if p.idx not in self.members:
+            if p.idx not in self.members or p.idx in group.cancelled:
                 continue
             total = self.totals[p.idx]
             messages[p.idx] = [progress_event(step, total, now - self.started, now - group_started)]

@@ -122,10 +122,13 @@ class DdpmModel(ServedModel):
         return scheduler, x, step_kwargs, keep
 
     def run_group(self, group: Group, progress) -> list[tuple]:
-        """One denoising loop for the whole group: per image, (PIL image, x0 frames or None)."""
+        """One denoising loop for the whole group: per image, (PIL image, x0 frames or None); None
+        for the images of a request cancelled meanwhile (its rows leave the loop at that step)."""
         shared = group.shared
         generators = group.generators()
         scheduler, x, step_kwargs, keep = self.start(shared["scheduler"], shared["steps"], shared["eta"], generators)
+        owner = [p.idx for p in group.requests for _ in range(p.params.images_requested)]
+        rows = list(range(len(owner)))  # the image of each row of x
         wanted = group.per_image("trajectory")
         watch = [i for i in group.first_images() if wanted[i]]
         frames: dict[int, list] = {i: [] for i in watch}
@@ -136,19 +139,30 @@ class DdpmModel(ServedModel):
             if watch and k in keep:
                 x0 = predicted_x0(scheduler, x, eps, t)
                 for i in watch:
-                    frames[i].append(x0[i : i + 1].float())
-            previews = lambda ids, x=x, eps=eps, t=t: x0_images(predicted_x0(scheduler, x[ids], eps[ids], t))  # noqa: E731
+                    if i in rows:
+                        frames[i].append(x0[rows.index(i)][None].float())
+            previews = lambda ids, x=x, eps=eps, t=t, at=list(rows): x0_images(  # noqa: E731
+                predicted_x0(scheduler, x[[at.index(i) for i in ids]], eps[[at.index(i) for i in ids]], t))
             x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
             progress(group, k + 1, started, previews)
+            if group.cancelled and any(owner[i] in group.cancelled for i in rows):
+                stay = [r for r, i in enumerate(rows) if owner[i] not in group.cancelled]
+                x, rows, generators = x[stay], [rows[r] for r in stay], [generators[r] for r in stay]
+                if "generator" in step_kwargs:
+                    step_kwargs["generator"] = generators
             if time.monotonic() - tick > 10:
-                logger.info("ddpm: step %d/%d for %d images", k + 1, len(scheduler.timesteps), len(generators))
+                logger.info("ddpm: step %d/%d for %d images", k + 1, len(scheduler.timesteps), len(rows))
                 tick = time.monotonic()
-        pils = x0_images(x)
-        return [(pil, frames.get(i)) for i, pil in enumerate(pils)]
+        results: list = [None] * len(owner)
+        for i, pil in zip(rows, x0_images(x)):
+            results[i] = (pil, frames.get(i))
+        return results
 
     # step-level batching ------------------------------------------------------------------
-    def take_off(self, pending: Pending) -> SimpleNamespace:
-        """A request's own sampling state, set up exactly as run_group sets up a group of one."""
+    def take_off(self, pending: Pending, watch=None) -> SimpleNamespace:
+        """A request's own sampling state, set up exactly as run_group sets up a group of one.
+        `watch(step, total) -> bool`, called after each step, records its progress and says
+        whether it was cancelled (it then ends at that step, `cancelled_at`)."""
         req = pending.params
         generators = group_of(pending).generators()
         scheduler, x, step_kwargs, keep = self.start(req.scheduler, req.steps, req.eta, generators)
@@ -156,7 +170,7 @@ class DdpmModel(ServedModel):
         events = [progress_event(0, len(scheduler.timesteps), 0.0, 0.0)] if streaming(req) else []
         return SimpleNamespace(pending=pending, scheduler=scheduler, x=x, k=0, step_kwargs=step_kwargs,
                                keep=keep if req.trajectory else set(), frames={0: []} if req.trajectory else {},
-                               done=False, started=time.monotonic(), events=events)
+                               done=False, started=time.monotonic(), events=events, watch=watch, cancelled_at=None)
 
     def run_slice(self, flights: list[SimpleNamespace]) -> None:
         """Steps of every flight for one time slice: the flights split over the lanes, each lane
@@ -205,6 +219,8 @@ class DdpmModel(ServedModel):
             f.x = f.scheduler.step(eps, t, f.x, **f.step_kwargs).prev_sample
             f.k += 1
             f.done = f.k == total
+            if not f.done and f.watch is not None and f.watch(f.k, total):
+                f.done, f.cancelled_at = True, f.k
             if streaming(params):  # this step's progress, and its preview when due
                 elapsed = time.monotonic() - f.started
                 f.events.append(progress_event(f.k, total, elapsed, elapsed))

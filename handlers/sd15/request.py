@@ -8,7 +8,8 @@ counts of the real SD1.5 UNet and VAE, so the limits hold for the real model at 
 from __future__ import annotations
 
 import json
-from typing import Annotated, Callable, ClassVar, Literal
+from collections.abc import Callable
+from typing import Annotated, ClassVar, Literal
 
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 from PIL import Image

@@ -41,11 +41,11 @@ def server(tmp_path_factory):
     store = root / "store"
     subprocess.run([str(REPO / "archive.sh"), "--store", str(store), "--weights", str(root / "ft"),
                     "--version", "2.0", "cam"], check=True, capture_output=True)
-    for name in ("cam.mar", "ddpm.mar", "sd15"):
+    for name in ("cam.mar", "ddpm.mar", "sd15", "jobs.mar"):
         (store / name).symlink_to(REPO / "model_store" / name)
-    with TorchServeInstance(archives=["cam.mar", "cam-2.0.mar", "ddpm.mar", "sd15"], source_store=store,
+    with TorchServeInstance(archives=["cam.mar", "cam-2.0.mar", "ddpm.mar", "sd15", "jobs.mar"], source_store=store,
                             load_at_start=False) as ts:
-        for name in ("cam.mar", "cam-2.0.mar", "ddpm.mar", "sd15"):
+        for name in ("cam.mar", "cam-2.0.mar", "ddpm.mar", "sd15", "jobs.mar"):
             ts.client.register(name, initial_workers=1)
         yield ts
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 
 import numpy as np
@@ -173,3 +174,25 @@ def test_listening_beyond_loopback_requires_auth():
     result = subprocess.run([str(UI_PYTHON), "-m", "ui.app", "--host", "0.0.0.0"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2 and "--auth user:password is required" in result.stderr
+
+
+def test_cancel_stops_a_running_generation(page, server):
+    """Generate, then Cancel while it runs: the server stops the request by its id (the jobs
+    archive) and the page says at which step; the worker serves the next request."""
+    page.tab("Stable Diffusion")
+    page.fill("sd15-steps", 100)
+    page.fill("sd15-width", 192)
+    page.fill("sd15-height", 192)
+    page.click("sd15-run")
+    page.until(lambda: re.match(r"step ([3-9]|\d\d)/", page.text("sd15-info")))
+    request_id = page.el("sd15-request-id", "textarea, input").get_attribute("value")
+    page.click("sd15-cancel")
+    page.until(lambda: page.text("sd15-info").startswith("cancelled at step"))
+    step = int(page.text("sd15-info").split()[3])
+    page.screenshot("sd15-cancelled")
+    record = server.client.job_status("sd15", request_id)
+    assert record["state"] == "cancelled" and record["stopped_at_step"] == step < record["total"]
+    page.fill("sd15-steps", 3)
+    page.fill("sd15-width", "")
+    page.fill("sd15-height", "")
+    page.run("sd15-run", "sd15-info", lambda text: text.startswith("txt2img"), "sd15")
