@@ -145,6 +145,24 @@ weights_sha256() {
   (cd "$1" && find -L . -type f -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum) | sha256sum | cut -d' ' -f1
 }
 
+# Unchanged inputs (the same fingerprint as the archive's stamp) leave the archive as it is.
+up_to_date() {  # out stamp fingerprint name
+  [ "$force" = 0 ] && [ -e "$1" ] && [ -f "$2" ] && [ "$(cat "$2")" = "$3" ] || return 1
+  echo "archive.sh: $4 is up to date ($1)"
+}
+# Each archive is built in a temp dir of the store ($work) and moved into place when whole.
+start_build() {  # name
+  work="$(mktemp -d "$store/.build-$1.XXXXXX")"
+  trap 'rm -rf "$work"' EXIT
+  mkdir -p "$work/extra" "$work/out" "$work/tmp"
+}
+finish_build() {  # built out stamp fingerprint
+  rm -rf "$2" "$3"
+  mv "$1" "$2"
+  echo "$4" > "$3"
+  rm -rf "$work"; trap - EXIT
+}
+
 for m in "${models[@]}"; do
   wdir="$(weights_for "$m")"
   single=""
@@ -170,14 +188,9 @@ for m in "${models[@]}"; do
   esac
   fp="$(fingerprint "$m" "$wdir" "$mname" "$format")"
   stamp="$store/.$fname.fingerprint"
-  if [ "$force" = 0 ] && [ -e "$out" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$fp" ]; then
-    echo "archive.sh: $fname is up to date ($out)"
-    continue
-  fi
+  up_to_date "$out" "$stamp" "$fp" "$fname" && continue
 
-  work="$(mktemp -d "$store/.build-$fname.XXXXXX")"
-  trap 'rm -rf "$work"' EXIT
-  mkdir -p "$work/extra" "$work/out" "$work/tmp"
+  start_build "$fname"
   if [ -n "$single" ]; then
     # One line on stderr when the file is refused; the trap removes the build dir.
     (cd "$here" && "$python" -m weights.single_file "$single" --out "$work/weights" --config "$config_tree") || exit 1
@@ -203,10 +216,7 @@ for m in "${models[@]}"; do
     if [ -n "$single" ]; then mv "$wdir" "$built/weights"
     else cp -rL --reflink=auto "$wdir/." "$built/weights" || die "copying the weights of $mname failed"; fi
   fi
-  rm -rf "$out" "$stamp"
-  mv "$built" "$out"
-  echo "$fp" > "$stamp"
-  rm -rf "$work"; trap - EXIT
+  finish_build "$built" "$out" "$stamp" "$fp"
   echo "archive.sh: wrote $out ($(du -sh "$out" | cut -f1), $(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}') s)"
 done
 
@@ -217,20 +227,13 @@ if [ "$jobs" != 0 ]; then
           sha256sum < "$configs/jobs.yaml"; } | sha256sum | cut -d' ' -f1)"
   fname="jobs"; [ "$version" = "1.0" ] || fname="jobs-$version"
   out="$store/$fname.mar"; stamp="$store/.$fname.fingerprint"
-  if [ "$force" = 0 ] && [ -e "$out" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$fp" ]; then
-    echo "archive.sh: $fname is up to date ($out)"
-  else
-    work="$(mktemp -d "$store/.build-$fname.XXXXXX")"
-    trap 'rm -rf "$work"' EXIT
-    mkdir -p "$work/extra" "$work/out" "$work/tmp"
+  if ! up_to_date "$out" "$stamp" "$fp" "$fname"; then
+    start_build "$fname"
     (cd "$here" && find $(code_of jobs) -name '*.py' -type f -exec cp --parents {} "$work/extra/" \;)
     TMPDIR="$work/tmp" "$archiver" --model-name jobs --version "$version" --handler "$here/handlers/jobs/handler.py" \
       --extra-files "$work/extra" --config-file "$configs/jobs.yaml" --export-path "$work/out" \
       || die "torch-model-archiver failed for jobs"
-    rm -rf "$out" "$stamp"
-    mv "$work/out/jobs.mar" "$out"
-    echo "$fp" > "$stamp"
-    rm -rf "$work"; trap - EXIT
+    finish_build "$work/out/jobs.mar" "$out" "$stamp" "$fp"
     echo "archive.sh: wrote $out ($(du -sh "$out" | cut -f1))"
   fi
 fi

@@ -261,6 +261,7 @@ def finetune_decoder_process(vae, gray: np.ndarray, args, seed: int) -> tuple:
     return vae, info, time.perf_counter() - t0
 
 
+
 # phase 2: latents -----------------------------------------------------------------------------
 def encode_dataset(vae, gray: np.ndarray, labels: np.ndarray, args, render=sd15_captions.render,
                    desc: str = "2/4 latents") -> dict:
@@ -289,6 +290,50 @@ def encode_dataset(vae, gray: np.ndarray, labels: np.ndarray, args, render=sd15_
 
 
 # phase 3: text encoder + UNet -----------------------------------------------------------------
+def start_training(trainable: list, unet, text_encoder, args) -> tuple:
+    """(optimizer, learning-rate schedule, EMA) for `trainable`, from the args' lr, warmup_steps,
+    steps and ema_decay (AdamW without weight decay, linear warm-up then cosine, EMA with warm-up);
+    both models in train mode."""
+    from diffusers.training_utils import EMAModel
+
+    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(min(args.warmup_steps, args.steps), args.steps))
+    ema = EMAModel(trainable, decay=args.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
+    unet.train()
+    text_encoder.train()
+    return opt, sched, ema
+
+
+def epsilon_step(unet, text_encoder, noise_sched, z0, ids, noise, t, trainable, opt, sched, ema) -> float:
+    """One training step of the UNet (and text encoder) on epsilon MSE, as SD is trained: the noisy
+    latents at timesteps `t`, conditioned on the captions `ids`; gradients clipped to norm 1, then
+    the optimizer, the learning-rate schedule and the EMA step. Returns the loss."""
+    cond = text_encoder(ids)[0]
+    loss = F.mse_loss(unet(noise_sched.add_noise(z0, noise, t), t, encoder_hidden_states=cond).sample, noise)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    opt.step()
+    sched.step()
+    ema.step(trainable)
+    return loss.item()
+
+
+def show_loss(bar, recent: list[float], loss: float, keep: int, step: int, steps: int, sched) -> None:
+    """Keeps the last `keep` losses in `recent`; their mean and the learning rate on the bar every 20 steps."""
+    recent.append(loss)
+    del recent[:-keep]
+    if step % 20 == 0 or step == steps - 1:
+        bar.set_postfix(loss=f"{np.mean(recent):.4f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+
+
+def end_training(ema, trainable, unet, text_encoder) -> None:
+    """The EMA weights into the trained parameters, both models back in eval mode."""
+    ema.copy_to(trainable)
+    unet.eval()
+    text_encoder.eval()
+
+
 def caption_sampler(tokenizer, gen: torch.Generator):
     """(digit, colour) tensors -> (B, 77) token ids of one random caption each, per CAPTION_MIX."""
     texts, table = sd15_captions.caption_table()
@@ -311,7 +356,6 @@ def caption_sampler(tokenizer, gen: torch.Generator):
 
 def train_denoiser(text_encoder, unet, latents: dict, tokenizer, args, gen: torch.Generator) -> dict:
     from diffusers import DDPMScheduler
-    from diffusers.training_utils import EMAModel
 
     noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                 beta_schedule="scaled_linear", clip_sample=False)
@@ -319,11 +363,7 @@ def train_denoiser(text_encoder, unet, latents: dict, tokenizer, args, gen: torc
     scale = latents["scaling_factor"]
     n = len(latents["mean"])
     trainable = list(unet.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(min(args.warmup_steps, args.steps), args.steps))
-    ema = EMAModel(trainable, decay=args.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
-    unet.train()
-    text_encoder.train()
+    opt, sched, ema = start_training(trainable, unet, text_encoder, args)
     recent = []
     bar = tqdm(range(args.steps), desc="3/4 unet+text", unit="step", disable=args.no_progress,
                dynamic_ncols=True, file=sys.stderr)
@@ -333,23 +373,10 @@ def train_denoiser(text_encoder, unet, latents: dict, tokenizer, args, gen: torc
         ids = sample_captions(latents["digit"][idx], latents["colour"][idx])
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, 1000, (len(z0),), generator=gen)
-        noisy = noise_sched.add_noise(z0, noise, t)
-        cond = text_encoder(ids)[0]
-        loss = F.mse_loss(unet(noisy, t, encoder_hidden_states=cond).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        sched.step()
-        ema.step(trainable)
-        recent.append(loss.item())
-        del recent[:-200]
-        if step % 20 == 0 or step == args.steps - 1:
-            bar.set_postfix(loss=f"{np.mean(recent):.4f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+        loss = epsilon_step(unet, text_encoder, noise_sched, z0, ids, noise, t, trainable, opt, sched, ema)
+        show_loss(bar, recent, loss, 200, step, args.steps, sched)
     bar.close()
-    ema.copy_to(trainable)
-    unet.eval()
-    text_encoder.eval()
+    end_training(ema, trainable, unet, text_encoder)
     return {"final_loss": round(float(np.mean(recent)), 5),
             "final_loss_note": "mean epsilon-MSE over the last 200 steps (raw weights; EMA weights are saved)",
             "distinct_captions": num_captions}

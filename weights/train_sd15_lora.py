@@ -46,13 +46,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from weights import sd15_captions  # noqa: E402
 from weights.atomic import atomic_file  # noqa: E402
 from weights.build_sd15_demo import MODEL_MAX_LENGTH  # noqa: E402
-from weights.train_sd15_demo import caption_sampler, encode_dataset, lr_lambda, training_images  # noqa: E402
+from weights.train_sd15_demo import (  # noqa: E402
+    caption_sampler,
+    encode_dataset,
+    end_training,
+    epsilon_step,
+    show_loss,
+    start_training,
+    training_images,
+)
 
 DEFAULT_FORMAT = {"rainbow": "diffusers", "italic": "kohya"}
 UNET_TARGETS = "to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2,proj_in,proj_out,conv1,conv2"
@@ -134,7 +141,6 @@ def add_loras(unet, text_encoder, args) -> list[torch.nn.Parameter]:
 
 def train(pipe, data: dict, args, gen: torch.Generator) -> dict:
     from diffusers import DDPMScheduler
-    from diffusers.training_utils import EMAModel
 
     unet, text_encoder = pipe.unet, pipe.text_encoder
     trainable = add_loras(unet, text_encoder, args)
@@ -143,11 +149,7 @@ def train(pipe, data: dict, args, gen: torch.Generator) -> dict:
     trait_captions = trait_caption_sampler(args.trait, pipe.tokenizer, args.trait_empty, gen)
     scale = pipe.vae.config.scaling_factor
     k = int(round(args.batch_size * args.trait_share))
-    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(min(args.warmup_steps, args.steps), args.steps))
-    ema = EMAModel(trainable, decay=args.ema_decay, use_ema_warmup=True, inv_gamma=1.0, power=3 / 4)
-    unet.train()
-    text_encoder.train()
+    opt, sched, ema = start_training(trainable, unet, text_encoder, args)
     recent = []
 
     def draw(part: dict, count: int, captions) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,22 +165,10 @@ def train(pipe, data: dict, args, gen: torch.Generator) -> dict:
         z0, ids = torch.cat([z_plain, z_trait]), torch.cat([ids_plain, ids_trait])
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(z0),), generator=gen)
-        cond = text_encoder(ids)[0]
-        loss = F.mse_loss(unet(noise_sched.add_noise(z0, noise, t), t, encoder_hidden_states=cond).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        opt.step()
-        sched.step()
-        ema.step(trainable)
-        recent.append(loss.item())
-        del recent[:-100]
-        if step % 20 == 0 or step == args.steps - 1:
-            bar.set_postfix(loss=f"{np.mean(recent):.4f}", lr=f"{sched.get_last_lr()[0]:.1e}")
+        loss = epsilon_step(unet, text_encoder, noise_sched, z0, ids, noise, t, trainable, opt, sched, ema)
+        show_loss(bar, recent, loss, 100, step, args.steps, sched)
     bar.close()
-    ema.copy_to(trainable)
-    unet.eval()
-    text_encoder.eval()
+    end_training(ema, trainable, unet, text_encoder)
     return {"final_loss": round(float(np.mean(recent)), 5),
             "final_loss_note": "mean epsilon-MSE over the last 100 steps, trait and plain samples together "
                                "(raw weights; EMA weights are saved)",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-import uuid
 
 import numpy as np
 import pytest
@@ -14,16 +13,10 @@ import pytest
 from handlers.core.jobs import Jobs
 from handlers.jobs.control import JobControl, JobsRequest
 from harness.context import run_batch
+from tests.support.ids import fresh_id, jobs_of
 
 BODY = {"steps": 2, "seed": 4}
 
-
-def fresh_id() -> str:
-    return f"test-{uuid.uuid4().hex[:16]}"
-
-
-def jobs_of(handler) -> Jobs:
-    return handler.static_loop.server.jobs
 
 
 def test_a_finished_request_is_recorded(ddpm_handler):

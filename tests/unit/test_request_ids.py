@@ -10,22 +10,14 @@ import json
 import re
 import subprocess
 import sys
-import uuid
 
-from handlers.core.jobs import Jobs
 from harness.context import run_batch
 from harness.continuous import ContinuousWorker
 from harness.inprocess import demo_weights, load_handler, unpack
+from tests.support.ids import fresh_id, jobs_of
 
 BODY = {"steps": 2, "seed": 4}
 
-
-def fresh_id() -> str:
-    return f"test-{uuid.uuid4().hex[:16]}"
-
-
-def jobs_of(handler) -> Jobs:
-    return handler.static_loop.server.jobs
 
 
 def test_generated_ids_are_unguessable_and_returned(ddpm_handler):
