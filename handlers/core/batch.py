@@ -60,6 +60,11 @@ class Pending:
     png: bool = False  # answer the PNG itself (Accept: image/png, one image, not streamed)
     explain: bool = False  # sent to an explanations route
     origin: int = 0  # the Incoming.idx it came from
+    admitted: float = 0.0  # time.monotonic() when the worker took it: its deadline_s counts from here
+
+    def past_deadline(self, now: float) -> bool:
+        deadline = getattr(self.params, "deadline_s", None)
+        return deadline is not None and now - self.admitted >= deadline
 
     @property
     def streaming(self) -> bool:
@@ -93,6 +98,9 @@ class Group:
     # Pending.idx -> the step after which it was cancelled (handlers/core/jobs.py); the progress
     # callback fills it in and raises GroupCancelled once every request of the group is in it.
     cancelled: dict[int, int] = field(default_factory=dict)
+    # Pending.idx -> the step after which its deadline_s stopped it: the model answers its x0
+    # estimate of that step for it (ddpm: its rows leave the loop; sd15: the whole group stops).
+    stopped: dict[int, int] = field(default_factory=dict)
 
     def per_image(self, name: str) -> list:
         return [getattr(p.params, name) for p in self.requests for _ in range(p.params.images_requested)]

@@ -109,7 +109,7 @@ def admit(model: ServedModel, inc: Incoming, flat: list, server: Server) -> Admi
             if server.jobs is not None and getattr(params, "request_id", None):
                 server.jobs.claim(params.request_id)  # the last check: a refused request claims nothing
                 server.jobs.report(params.request_id, 0, model.steps_total(params), 0.0, None)
-            item = Pending(len(flat), params, png=png, explain=inc.explain, origin=inc.idx)
+            item = Pending(len(flat), params, png=png, explain=inc.explain, origin=inc.idx, admitted=time.monotonic())
         except RequestError as err:
             item = err
         req.members.append((label, len(flat)))
@@ -127,13 +127,13 @@ def answer(req: Admitted, outcomes: list[Outcome], batch_size: int, server: Serv
     return answers.kserve_reply(req, outcomes, batch_size, server.model_name, server.model_version)
 
 
-class JobProgress:
-    """The progress callback of groups on a server that tracks request ids: after every step it
-    records each request's progress, notes in `group.cancelled` the requests cancelled meanwhile,
-    stops the group (GroupCancelled) once all of it is cancelled, and passes on to `then` (the
-    streams) for the others."""
+class Watch:
+    """The progress callback of every group: after each step it notes in `group.stopped` the
+    requests whose `deadline_s` has passed, and on a server that tracks request ids records each
+    request's progress and notes in `group.cancelled` the ones cancelled meanwhile, stopping the
+    group (GroupCancelled) once all of it is cancelled; then it passes on to `then` (the streams)."""
 
-    def __init__(self, model: ServedModel, jobs: Jobs, then):
+    def __init__(self, model: ServedModel, jobs: Jobs | None, then):
         self.model, self.jobs, self.then = model, jobs, then
         self.totals: dict[int, int] = {}
 
@@ -143,16 +143,19 @@ class JobProgress:
         return self.totals[p.idx]
 
     def __call__(self, group: Group, step: int, group_started: float, previews=None) -> None:
-        elapsed = time.monotonic() - group_started
+        now = time.monotonic()
         for p in group.requests:
+            if p.idx in group.cancelled or p.idx in group.stopped:
+                continue
             rid = request_id_of(p)
-            if rid is None or p.idx in group.cancelled:
-                continue
-            if self.jobs.cancel_requested(rid):
-                group.cancelled[p.idx] = step
-                continue
-            total = self.total(p)
-            self.jobs.report(rid, step, total, elapsed, elapsed / step * (total - step) if step else None)
+            if self.jobs is not None and rid is not None:
+                if self.jobs.cancel_requested(rid):
+                    group.cancelled[p.idx] = step
+                    continue
+                total, elapsed = self.total(p), now - group_started
+                self.jobs.report(rid, step, total, elapsed, elapsed / step * (total - step) if step else None)
+            if p.past_deadline(now) and step < self.total(p):
+                group.stopped[p.idx] = step
         if group.cancelled and len(group.cancelled) == len(group.requests):
             raise GroupCancelled
         self.then(group, step, group_started, previews)
@@ -165,8 +168,7 @@ def run_group(model: ServedModel, members: list[Pending], progress, jobs: Jobs |
     gone = {p.idx for p in members if jobs is not None and (rid := request_id_of(p)) and jobs.cancel_requested(rid)}
     group = Group(shared=members[0].params.shared(), requests=[p for p in members if p.idx not in gone])
     group.cancelled.update(dict.fromkeys(gone, 0))
-    if jobs is not None:
-        progress = JobProgress(model, jobs, progress)
+    progress = Watch(model, jobs, progress)
     try:
         results = []
         if group.requests:
@@ -175,7 +177,7 @@ def run_group(model: ServedModel, members: list[Pending], progress, jobs: Jobs |
                 results = model.run_group(group, progress)
             except GroupCancelled:
                 pass
-            if not group.cancelled:
+            if not group.cancelled and not group.stopped:
                 model.budget.observe(time.perf_counter() - started, sum(p.params.cost() for p in members))
         outcomes, start = [], 0
         for p in members:
@@ -184,7 +186,7 @@ def run_group(model: ServedModel, members: list[Pending], progress, jobs: Jobs |
                 total = model.steps_total(p.params)
                 outcomes.append(Outcome(error=cancelled_error(request_id_of(p), group.cancelled[p.idx], total)))
             else:
-                outcomes.append(model.respond(p, results[start : start + n]))
+                outcomes.append(stopped_at(model.respond(p, results[start : start + n]), group.stopped.get(p.idx)))
             if p.idx not in gone:
                 start += n
     except RequestError as err:
@@ -198,6 +200,17 @@ def run_group(model: ServedModel, members: list[Pending], progress, jobs: Jobs |
     return outcomes
 
 
+def stopped_at(outcome: Outcome, step: int | None) -> Outcome:
+    """A request its deadline stopped says after which step: `stopped_at_step` in its JSON (and in
+    its stream's result event), `X-Stopped-At-Step` on a PNG answer."""
+    if step is not None and outcome.error is None:
+        if isinstance(outcome.response, dict):
+            outcome.response["stopped_at_step"] = step
+        else:
+            outcome.headers["X-Stopped-At-Step"] = str(step)
+    return outcome
+
+
 def record_end(jobs: Jobs, pending: Pending, outcome: Outcome) -> None:
     """A generation request's last state for status queries: finished, cancelled or failed."""
     rid = request_id_of(pending)
@@ -205,7 +218,8 @@ def record_end(jobs: Jobs, pending: Pending, outcome: Outcome) -> None:
         return
     err = outcome.error
     if err is None:
-        jobs.end(rid, "finished")
+        stopped = outcome.response.get("stopped_at_step") if isinstance(outcome.response, dict) else None
+        jobs.end(rid, "finished", **({} if stopped is None else {"stopped_at_step": stopped}))
     elif err.extra.get("cancelled"):
         jobs.end(rid, "cancelled", stopped_at_step=err.extra["stopped_at_step"], total=err.extra.get("total"))
     else:
@@ -294,8 +308,10 @@ class StepLoop:
         start_stepping()              once, when the loop is made
         take_off(pending, watch) -> flight
                                       a request's own sampling state (`.done`, `.events`,
-                                      `.cancelled_at`); it calls `watch(step, total)` (when not
-                                      None) after each step and ends at once when it says True
+                                      `.cancelled_at`, `.stopped_at`); it calls `watch(step, total)`
+                                      (when not None) after each step and ends at once when it
+                                      says True; past the request's deadline_s it lands with its
+                                      estimate of that step (`stopped_at`)
         run_slice(flights)            steps of these flights for one time slice
         land(flight) -> results       one result per image, as run_group gives them
 
@@ -394,7 +410,7 @@ class StepLoop:
                                                                   self.model.steps_total(params)))
                     continue
                 try:
-                    t.outcomes[i] = self.model.respond(t.pendings[i], self.model.land(f))
+                    t.outcomes[i] = stopped_at(self.model.respond(t.pendings[i], self.model.land(f)), f.stopped_at)
                 except Exception as exc:  # noqa: BLE001
                     logger.exception("answering request %s failed", inc.request_id)
                     t.outcomes[i] = Outcome(error=internal_error(exc))

@@ -91,7 +91,7 @@ class ServedModel:
     # hooks -----------------------------------------------------------------------------------
     def validation_context(self) -> dict:
         """What a request's validators need beyond the body (image limits, the model's size)."""
-        return {}
+        return {"max_deadline_s": self.budget.timeout_s * self.budget.margin}
 
     def parse(self, body: Any) -> RequestModel:
         """One request body (a JSON object or raw bytes) -> the bound request."""

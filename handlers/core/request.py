@@ -27,6 +27,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
     create_model,
     field_validator,
@@ -211,6 +212,11 @@ class SeededImages(RequestModel):
     """This request's id: 8 to 64 letters, digits, '.', '_' or '-'; null = a random, unguessable one.
     Returned in the body and in every stream event; a request whose id is already in flight is
     refused (409)."""
+    deadline_s: Annotated[float | None, Field(gt=0)] = None
+    """Seconds after a worker takes the request (time queued in TorchServe does not count) from which
+    it stops after its current step and answers its best estimate so far: the decoded x0 prediction,
+    with `stopped_at_step` in the response. At most the target's responseTimeout x timeout_margin;
+    null = none. See docs/jobs.md#deadlines."""
     metadata: bool = True
     """Write how each PNG was made into it: AUTOMATIC1111's `parameters` text and the `serving` JSON
     record (docs/rest-api.md#images-that-say-how-they-were-made); false = bare PNGs."""
@@ -229,6 +235,15 @@ class SeededImages(RequestModel):
             raise RequestError("request_id", "'request_id' must be 8 to 64 letters, digits, '.', '_' or '-', "
                                              f"got {_short(request_id)}")
         return request_id
+
+    @field_validator("deadline_s")
+    @classmethod
+    def _bound_deadline(cls, deadline: float | None, info: ValidationInfo) -> float | None:
+        most = (info.context or {}).get("max_deadline_s")
+        if deadline is not None and most is not None and deadline > most:
+            raise RequestError("deadline_s", f"'deadline_s' must be at most {most:g} s (the target's responseTimeout x "
+                                             f"timeout_margin), got {deadline:g}")
+        return deadline
 
     @model_validator(mode="after")
     def _preview_needs_stream(self):

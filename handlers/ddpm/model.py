@@ -25,12 +25,13 @@ from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import torch
-from diffusers import DDPMScheduler, EulerDiscreteScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from handlers.core import provenance
 from handlers.core.batch import PNG_TYPE, Group, Outcome, Pending, group_of
 from handlers.core.budget import seconds_per_call, streaming
+from handlers.core.estimates import predicted_x0
 from handlers.core.images import b64_png, encode_png, tensor_to_pil
 from handlers.core.model import ServedModel
 from handlers.core.streaming import preview_event, progress_event, wants_preview
@@ -122,13 +123,15 @@ class DdpmModel(ServedModel):
         return scheduler, x, step_kwargs, keep
 
     def run_group(self, group: Group, progress) -> list[tuple]:
-        """One denoising loop for the whole group: per image, (PIL image, x0 frames or None); None
-        for the images of a request cancelled meanwhile (its rows leave the loop at that step)."""
+        """One denoising loop for the whole group: per image, (PIL image, x0 frames or None). A
+        request cancelled meanwhile leaves the loop at that step (None for its images); one whose
+        deadline passed leaves it with its x0 estimate of that step."""
         shared = group.shared
         generators = group.generators()
         scheduler, x, step_kwargs, keep = self.start(shared["scheduler"], shared["steps"], shared["eta"], generators)
         owner = [p.idx for p in group.requests for _ in range(p.params.images_requested)]
         rows = list(range(len(owner)))  # the image of each row of x
+        results: list = [None] * len(owner)
         wanted = group.per_image("trajectory")
         watch = [i for i in group.first_images() if wanted[i]]
         frames: dict[int, list] = {i: [] for i in watch}
@@ -143,18 +146,25 @@ class DdpmModel(ServedModel):
                         frames[i].append(x0[rows.index(i)][None].float())
             previews = lambda ids, x=x, eps=eps, t=t, at=list(rows): x0_images(  # noqa: E731
                 predicted_x0(scheduler, x[[at.index(i) for i in ids]], eps[[at.index(i) for i in ids]], t))
+            before = x
             x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
             progress(group, k + 1, started, previews)
-            if group.cancelled and any(owner[i] in group.cancelled for i in rows):
-                stay = [r for r, i in enumerate(rows) if owner[i] not in group.cancelled]
+            ended = [r for r, i in enumerate(rows) if owner[i] in group.cancelled or owner[i] in group.stopped]
+            if ended:
+                out = [r for r in ended if owner[rows[r]] in group.stopped]
+                if out:  # past their deadline: their x0 estimate of this step is their answer
+                    for r, pil in zip(out, x0_images(predicted_x0(scheduler, before[out], eps[out], t))):
+                        results[rows[r]] = (pil, frames.get(rows[r]))
+                stay = [r for r in range(len(rows)) if r not in ended]
                 x, rows, generators = x[stay], [rows[r] for r in stay], [generators[r] for r in stay]
                 if "generator" in step_kwargs:
                     step_kwargs["generator"] = generators
+                if not rows:
+                    break
             if time.monotonic() - tick > 10:
                 logger.info("ddpm: step %d/%d for %d images", k + 1, len(scheduler.timesteps), len(rows))
                 tick = time.monotonic()
-        results: list = [None] * len(owner)
-        for i, pil in zip(rows, x0_images(x)):
+        for i, pil in zip(rows, x0_images(x) if rows else []):
             results[i] = (pil, frames.get(i))
         return results
 
@@ -162,7 +172,8 @@ class DdpmModel(ServedModel):
     def take_off(self, pending: Pending, watch=None) -> SimpleNamespace:
         """A request's own sampling state, set up exactly as run_group sets up a group of one.
         `watch(step, total) -> bool`, called after each step, records its progress and says
-        whether it was cancelled (it then ends at that step, `cancelled_at`)."""
+        whether it was cancelled (it then ends at that step, `cancelled_at`). Past its `deadline_s`
+        it lands with its x0 estimate of that step (`stopped_at`)."""
         req = pending.params
         generators = group_of(pending).generators()
         scheduler, x, step_kwargs, keep = self.start(req.scheduler, req.steps, req.eta, generators)
@@ -170,7 +181,9 @@ class DdpmModel(ServedModel):
         events = [progress_event(0, len(scheduler.timesteps), 0.0, 0.0)] if streaming(req) else []
         return SimpleNamespace(pending=pending, scheduler=scheduler, x=x, k=0, step_kwargs=step_kwargs,
                                keep=keep if req.trajectory else set(), frames={0: []} if req.trajectory else {},
-                               done=False, started=time.monotonic(), events=events, watch=watch, cancelled_at=None)
+                               done=False, started=time.monotonic(), events=events, watch=watch, cancelled_at=None,
+                               deadline=None if req.deadline_s is None else pending.admitted + req.deadline_s,
+                               stopped_at=None)
 
     def run_slice(self, flights: list[SimpleNamespace]) -> None:
         """Steps of every flight for one time slice: the flights split over the lanes, each lane
@@ -216,11 +229,15 @@ class DdpmModel(ServedModel):
             params, total = f.pending.params, len(f.scheduler.timesteps)
             preview = (x0_images(predicted_x0(f.scheduler, f.x, eps, t))
                        if streaming(params) and wants_preview(params, f.k + 1, total) else None)
+            before = f.x
             f.x = f.scheduler.step(eps, t, f.x, **f.step_kwargs).prev_sample
             f.k += 1
             f.done = f.k == total
             if not f.done and f.watch is not None and f.watch(f.k, total):
                 f.done, f.cancelled_at = True, f.k
+            elif not f.done and f.deadline is not None and time.monotonic() >= f.deadline:
+                # past its deadline: it lands with its x0 estimate of this step
+                f.done, f.stopped_at, f.x = True, f.k, predicted_x0(f.scheduler, before, eps, t)
             if streaming(params):  # this step's progress, and its preview when due
                 elapsed = time.monotonic() - f.started
                 f.events.append(progress_event(f.k, total, elapsed, elapsed))
@@ -283,11 +300,3 @@ def x0_images(x: torch.Tensor) -> list:
     """Samples in [-1, 1] -> PIL images."""
     return tensor_to_pil((x.float() / 2 + 0.5).clamp(0, 1))
 
-
-def predicted_x0(scheduler, x: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
-    """The clean image the model predicts at timestep t (for the trajectory): from the sample in
-    the scheduler's own space (sigma space for Euler, VP space for the others) and the noise."""
-    if isinstance(scheduler, EulerDiscreteScheduler):  # x = x0 + sigma * eps
-        return x - scheduler.sigmas[scheduler.index_for_timestep(t)] * eps
-    alpha_bar = scheduler.alphas_cumprod[int(t)]
-    return (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()

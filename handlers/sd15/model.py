@@ -24,6 +24,7 @@ from diffusers import (
 
 from handlers.core import provenance
 from handlers.core.batch import PNG_TYPE, Group, Outcome, Pending, group_of
+from handlers.core.estimates import predicted_x0
 from handlers.core.images import b64_png, encode_png, tensor_to_pil
 from handlers.core.model import ServedModel
 from handlers.core.streaming import no_progress
@@ -36,6 +37,25 @@ library_logs.quiet()
 
 DEMO_WARNING = "demo profile: a randomly initialised smoke-test model; its images are noise"
 
+
+
+class DeadlinePassed(Exception):
+    """The group's deadline_s passed: its pipeline call stops after the current step."""
+
+
+def stash_steps(scheduler) -> dict:
+    """Keeps the latest (sample, guided noise prediction, timestep) the pipeline hands `scheduler.step`
+    (a fresh scheduler per group), from which a deadline's x0 estimate is computed: diffusers'
+    pipelines do not expose the noise prediction to step callbacks."""
+    last: dict = {}
+    step = scheduler.step
+
+    def stashing_step(model_output, timestep, sample, *args, **kwargs):
+        last.update(eps=model_output, t=timestep, sample=sample)
+        return step(model_output, timestep, sample, *args, **kwargs)
+
+    scheduler.step = stashing_step
+    return last
 
 class Sd15Model(ServedModel):
     """txt2img / img2img / inpainting with batching, seeds, limits and a time budget."""
@@ -99,7 +119,8 @@ class Sd15Model(ServedModel):
         return (time.perf_counter() - started) / request.cost()
 
     def validation_context(self) -> dict:
-        return {"max_pixels": int(self.config["max_image_pixels"]), "native_size": self.native_size,
+        return {**super().validation_context(), "max_pixels": int(self.config["max_image_pixels"]),
+                "native_size": self.native_size,
                 "loras": self.loras.usable}  # called only by a request that names LoRAs: it rescans the folder
 
     def capabilities(self) -> dict:
@@ -124,14 +145,23 @@ class Sd15Model(ServedModel):
         if shared["mode"] == "inpaint":
             kwargs.update(mask_image=group.per_image("mask_image"))
         started = time.monotonic()
+        last = stash_steps(pipe.scheduler)
 
         def on_step_end(pipe, i, t, tensors):  # diffusers' step callback: progress and previews
             latents = tensors["latents"]
             progress(group, i + 1, started, lambda ids: self.preview(pipe, latents[ids], group, ids))
+            if group.stopped:  # deadline_s splits batches: the whole group stops at its deadline
+                group.stopped.update(dict.fromkeys((p.idx for p in group.requests), i + 1))
+                raise DeadlinePassed
             return tensors
 
         with torch.inference_mode():
-            pils = pipe(**kwargs, callback_on_step_end=on_step_end).images
+            try:
+                pils = pipe(**kwargs, callback_on_step_end=on_step_end).images
+            except DeadlinePassed:  # the x0 estimate of the last step, decoded
+                x0 = predicted_x0(pipe.scheduler, last["sample"], last["eps"], last["t"])
+                pils = pipe.image_processor.postprocess(pipe.vae.decode(x0 / pipe.vae.config.scaling_factor).sample,
+                                                        output_type="pil")
         if shared["mode"] == "inpaint":
             # Outside the mask the input's own pixels, as AUTOMATIC1111 returns them: diffusers keeps
             # them only in latent space, and the VAE decode bleeds across the mask's edge.

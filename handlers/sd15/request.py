@@ -85,7 +85,8 @@ class Sd15Request(SeededImages):
     """With `stream`: previews decoded by the VAE (exact, but each costs about 1.6 denoising steps (a VAE decode))
     instead of the default linear latent-to-RGB approximation (free, blurry, 1/8 of the size)."""
 
-    batched_properties: ClassVar[tuple[str, ...]] = ("mode", "lora_set")
+    # deadline_s too: diffusers' pipeline cannot drop rows mid-loop, so a group stops as a whole.
+    batched_properties: ClassVar[tuple[str, ...]] = ("mode", "lora_set", "deadline_s")
     _image: Image.Image | None = PrivateAttr(None)
     _mask: Image.Image | None = PrivateAttr(None)
 

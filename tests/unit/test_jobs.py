@@ -1,18 +1,23 @@
-"""Status and cancel by request id in-process (handlers/core/jobs.py, handlers/jobs/control.py):
+"""Status, cancel and deadlines in-process (handlers/core/jobs.py, handlers/jobs/control.py):
 what a worker records, what a cancel does to a request and to the others of its batch, and what
 the `jobs` archive answers. A real TorchServe: tests/integration/test_jobs_server.py."""
 from __future__ import annotations
 
+import base64
+import io
 import json
 import threading
 import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from handlers.core.jobs import Jobs
 from handlers.jobs.control import JobControl, JobsRequest
 from harness.context import run_batch
+from harness.continuous import ContinuousWorker
+from harness.inprocess import demo_weights, load_handler, unpack
 from tests.support.ids import fresh_id, jobs_of
 
 BODY = {"steps": 2, "seed": 4}
@@ -123,3 +128,52 @@ def test_the_control_answers(tmp_path):
         control.answer(JobsRequest.parse({"action": "status", "model": "cam", "request_id": "abcdefgh"}))
     assert other_model.value.status == 404 and other_model.value.field == "model"
     assert np.isfinite(ask("status", "done-one")["updated"])
+
+
+# deadlines -----------------------------------------------------------------------------------------
+def image_array(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))), dtype=int)
+
+
+def test_a_ddpm_deadline_answers_the_estimate_and_leaves_the_batch_mate_untouched(ddpm_handler):
+    handler, ctx = ddpm_handler
+    mate = {"steps": 300, "seed": 2, "metadata": False}
+    (alone,) = run_batch(handler, ctx, [{"body": mate}])
+    outs = run_batch(handler, ctx, [{"body": {"steps": 300, "seed": 5, "num_images": 2, "deadline_s": 0.05}},
+                                    {"body": mate}])
+    assert ctx.status(0) == ctx.status(1) == 200
+    early, kept = json.loads(outs[0]), json.loads(outs[1])
+    assert 1 <= early["stopped_at_step"] < 300 and "stopped_at_step" not in kept
+    assert all(image_array(b).std() > 0 for b in early["images"])  # an estimate, not a blank
+    assert kept["images"] == json.loads(alone)["images"]
+
+
+def test_an_sd15_deadline_stops_the_group_with_the_decoded_estimate(sd15_handler):
+    handler, ctx = sd15_handler
+    body = {"prompt": "a 3", "steps": 100, "width": 64, "height": 64, "seed": 1, "deadline_s": 0.05}
+    outs = run_batch(handler, ctx, [{"body": body}, {"body": {**body, "stream": True, "seed": 2}}])
+    assert ctx.status(0) == ctx.status(1) == 200
+    early = json.loads(outs[0])
+    assert 1 <= early["stopped_at_step"] < 101 and image_array(early["images"][0]).shape == (64, 64, 3)
+    # the same deadline, so the same group, stopped together (in-process a stream gets its final answer only)
+    assert json.loads(outs[1])["stopped_at_step"] == early["stopped_at_step"]
+
+
+def test_a_step_level_deadline_lands_the_flight_early(tmp_path):
+    from handlers.ddpm.handler import DdpmHandler
+
+    handler, ctx = load_handler(DdpmHandler, "ddpm", unpack(tmp_path / "ddpm", "ddpm", demo_weights("ddpm"), "cpu-step"),
+                                "cpu-step")
+    worker = ContinuousWorker(handler, ctx, batch_size=4)
+    worker.submit("early", {"steps": 1000, "seed": 1, "deadline_s": 0.05})
+    worker.submit("whole", {"steps": 20, "seed": 2})
+    worker.drain()
+    early, whole = (json.loads(worker.answers[k].body) for k in ("early", "whole"))
+    assert 1 <= early["stopped_at_step"] < 1000 and "stopped_at_step" not in whole
+
+
+@pytest.mark.parametrize("deadline", [0, -1, 10**6, "5"])
+def test_a_bad_deadline_is_refused_by_name(ddpm_handler, deadline):
+    handler, ctx = ddpm_handler
+    outs = run_batch(handler, ctx, [{"body": {"steps": 2, "deadline_s": deadline}}, {"body": {"steps": 2}}])
+    assert ctx.status(0) == 400 and json.loads(outs[0])["field"] == "deadline_s" and ctx.status(1) == 200
