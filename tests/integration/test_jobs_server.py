@@ -180,31 +180,37 @@ def test_bad_jobs_requests_name_their_field(server, payload, field, status):
     assert resp.status_code == status and resp.json()["field"] == field, resp.text
 
 
-def test_ctrl_c_in_the_generate_client_cancels_its_request(server):
-    """`python -m clients.generate` interrupted by SIGINT mid-stream: the server cancels the request
+@pytest.mark.parametrize("tool, model, args", [
+    ("generate", "sd15", ["a red handwritten 7", "--steps", "60", "--width", "192", "--height", "192"]),
+    ("sample", "ddpm", ["-n", "16", "--steps", "1000"]),
+])
+def test_ctrl_c_in_a_client_tool_cancels_its_request(server, tool, model, args):
+    """`python -m clients.<tool>` interrupted by SIGINT mid-stream: the server cancels the request
     (its status says so) and the tool exits 130 saying what became of it."""
-    args = [str(VENV_PYTHON), "-m", "clients.generate", "a red handwritten 7", "--steps", "60", "--width", "192",
-            "--height", "192", "--out", str(server.dir / "generate-out"), "--inference-url", server.url("inference"),
-            "--management-url", server.url("management"), "--key-file", str(server.dir / "key_file.json")]
-    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [str(VENV_PYTHON), "-m", f"clients.{tool}", *args, "--out", str(server.dir / f"{tool}-out"),
+               "--inference-url", server.url("inference"), "--management-url", server.url("management"),
+               "--key-file", str(server.dir / "key_file.json")]
+    status_dir = server.tmp / "torchserve-jobs" / model / "status"
+    before = {p.name for p in status_dir.glob("*.json")}
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     running = []
     while not running and time.monotonic() < deadline:
         time.sleep(0.2)
-        for path in (server.tmp / "torchserve-jobs" / "sd15" / "status").glob("*.json"):
-            record = json.loads(path.read_text())
-            if record["state"] == "running" and record["step"] > 2:
+        for path in status_dir.glob("*.json"):  # the tool's own id is random: find its request by its record
+            record = json.loads(path.read_text()) if path.name not in before else {}
+            if record.get("state") == "running" and record["step"] > 2:
                 running.append(record["request_id"])
-    assert running, "the client's request never ran"
+    assert running, "the tool's request never ran"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (out, err)
     (rid,) = running
     assert f"request {rid}: cancelling" in err, err
     deadline = time.monotonic() + 120
-    while server.client.job_status("sd15", rid)["state"] == "running" and time.monotonic() < deadline:
+    while server.client.job_status(model, rid)["state"] == "running" and time.monotonic() < deadline:
         time.sleep(0.1)
-    record = server.client.job_status("sd15", rid)
+    record = server.client.job_status(model, rid)
     assert record["state"] == "cancelled" and record["stopped_at_step"] < record["total"], record
 
 
