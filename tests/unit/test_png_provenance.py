@@ -58,8 +58,8 @@ def test_ddpm_pngs_say_how_they_were_made(ddpm_handler, with_archive):
         assert settings == {"Steps": "3", "Sampler": "DDIM", "Eta": "0.0", "Seed": "11",
                             "Size": f"{shape[2]}x{shape[1]}", "Model hash": "0123456789", "Model": "m"}
         record = json.loads(img.text["serving"])
-        assert record == {"request": {"num_images": 2, "seed": 11, "metadata": True, "steps": 3, "scheduler": "ddim",
-                                      "eta": 0.0, "trajectory": False},
+        assert record == {"request": {"num_images": 2, "seed": 11, "deadline_s": None, "metadata": True, "steps": 3,
+                                      "scheduler": "ddim", "eta": 0.0, "trajectory": False},
                           "image_index": index, **ARCHIVE, "torch": torch.__version__, "machine": platform.machine()}
 
 
