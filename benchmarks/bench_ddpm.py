@@ -44,10 +44,10 @@ def job_tracking_seconds() -> float:
 
         def track() -> None:
             jobs.claim(rid)
-            jobs.report(rid, 0, STEPS, 0.0, None)
+            jobs.report(rid, 0, STEPS, 0.0)
             for step in range(1, STEPS + 1):
                 jobs.cancel_requested(rid)
-                jobs.report(rid, step, STEPS, 0.1, 0.1)
+                jobs.report(rid, step, STEPS, 0.1)
             jobs.end(rid, "finished")
             jobs.release(rid)
 

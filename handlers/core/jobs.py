@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from handlers.core.errors import RequestError
+from handlers.core.streaming import eta_s
 
 CANCELLED = 499  # the HTTP mapping of google.rpc.Code.CANCELLED (nginx's "client closed request")
 STATUS_EVERY_S = 0.5  # a running request's status file is rewritten at most this often
@@ -128,14 +129,16 @@ class Jobs:
         write_atomic(self.cancels / request_id, repr(time.time() + wait_s))
 
     # status -----------------------------------------------------------------------------------
-    def report(self, request_id: str, step: int, total: int, elapsed_s: float, eta_s: float | None) -> None:
-        """A running request's progress, written at most every STATUS_EVERY_S (and at step 0)."""
+    def report(self, request_id: str, step: int, total: int, elapsed_s: float) -> None:
+        """A running request's progress (`elapsed_s` since its steps began; its ETA follows), written
+        at most every STATUS_EVERY_S (and at step 0)."""
         now = time.monotonic()
         if step and now - self._written.get(request_id, -STATUS_EVERY_S) < STATUS_EVERY_S:
             return
         self._written[request_id] = now
+        eta = eta_s(elapsed_s, step, total)
         self._write(request_id, {"state": "running", "step": step, "total": total, "elapsed_s": round(elapsed_s, 3),
-                                 "eta_s": None if eta_s is None else round(eta_s, 3), "pid": os.getpid()})
+                                 "eta_s": None if eta is None else round(eta, 3), "pid": os.getpid()})
 
     def end(self, request_id: str, state: str, **details) -> None:
         """A request's last state (one of ENDED), kept `status_keep_s`."""

@@ -108,7 +108,7 @@ def admit(model: ServedModel, inc: Incoming, flat: list, server: Server) -> Admi
             png = inc.protocol == REST and inc.wants_png and model.png_ok(params)
             if server.jobs is not None and getattr(params, "request_id", None):
                 server.jobs.claim(params.request_id)  # the last check: a refused request claims nothing
-                server.jobs.report(params.request_id, 0, model.steps_total(params), 0.0, None)
+                server.jobs.report(params.request_id, 0, model.steps_total(params), 0.0)
             item = Pending(len(flat), params, png=png, explain=inc.explain, origin=inc.idx, admitted=time.monotonic())
         except RequestError as err:
             item = err
@@ -152,8 +152,7 @@ class Watch:
                 if self.jobs.cancel_requested(rid):
                     group.cancelled[p.idx] = step
                     continue
-                total, elapsed = self.total(p), now - group_started
-                self.jobs.report(rid, step, total, elapsed, elapsed / step * (total - step) if step else None)
+                self.jobs.report(rid, step, self.total(p), now - group_started)
             if p.past_deadline(now) and step < self.total(p):
                 group.stopped[p.idx] = step
         if group.cancelled and len(group.cancelled) == len(group.requests):
@@ -391,8 +390,7 @@ class StepLoop:
         def watch(step: int, total: int) -> bool:
             if jobs.cancel_requested(rid):
                 return True
-            elapsed = time.monotonic() - started
-            jobs.report(rid, step, total, elapsed, elapsed / step * (total - step) if step else None)
+            jobs.report(rid, step, total, time.monotonic() - started)
             return False
 
         return watch

@@ -41,6 +41,14 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{8,64}")
 REQUEST_ID_BYTES = 16  # a generated id: 128 random bits, 22 URL-safe characters
 
 
+
+def checked_request_id(request_id: str) -> str:
+    """A client's request id as given; RequestError naming `request_id` when it is not 8 to 64 of [A-Za-z0-9._-]."""
+    if not REQUEST_ID.fullmatch(request_id):
+        raise RequestError("request_id", "'request_id' must be 8 to 64 letters, digits, '.', '_' or '-', "
+                                         f"got {_short(request_id)}")
+    return request_id
+
 class ConfigMax:
     """Field metadata: the field's maximum is the model config's `handler:` value of `key`."""
 
@@ -229,12 +237,7 @@ class SeededImages(RequestModel):
     @field_validator("request_id")
     @classmethod
     def _resolve_request_id(cls, request_id: str | None) -> str:
-        if request_id is None:
-            return secrets.token_urlsafe(REQUEST_ID_BYTES)
-        if not REQUEST_ID.fullmatch(request_id):
-            raise RequestError("request_id", "'request_id' must be 8 to 64 letters, digits, '.', '_' or '-', "
-                                             f"got {_short(request_id)}")
-        return request_id
+        return secrets.token_urlsafe(REQUEST_ID_BYTES) if request_id is None else checked_request_id(request_id)
 
     @field_validator("deadline_s")
     @classmethod

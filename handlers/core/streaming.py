@@ -39,9 +39,14 @@ class Channel(Protocol):
         """One message for each request in `chunks`; the others of the batch get nothing."""
 
 
+def eta_s(step_elapsed_s: float, step: int, total: int) -> float | None:
+    """Seconds left at the rate of the steps done so far (`step_elapsed_s` since the first began); None before one."""
+    return step_elapsed_s / step * (total - step) if step else None
+
+
 def progress_event(step: int, total: int, elapsed_s: float, step_elapsed_s: float) -> dict:
     """`step_elapsed_s`: time since this request's own steps began (its ETA's rate)."""
-    eta = step_elapsed_s / step * (total - step) if step else None
+    eta = eta_s(step_elapsed_s, step, total)
     return {"event": "progress", "step": step, "total": total, "elapsed_s": round(elapsed_s, 3),
             "eta_s": None if eta is None else round(eta, 3)}
 

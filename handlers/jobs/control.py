@@ -13,7 +13,7 @@ from pydantic import Field, field_validator
 
 from handlers.core.errors import RequestError
 from handlers.core.jobs import ENDED, MODEL_NAME, Jobs, jobs_root
-from handlers.core.request import REQUEST_ID, RequestModel
+from handlers.core.request import RequestModel, checked_request_id
 
 
 class JobsRequest(RequestModel):
@@ -30,9 +30,7 @@ class JobsRequest(RequestModel):
     @field_validator("request_id")
     @classmethod
     def _check_request_id(cls, value: str) -> str:
-        if not REQUEST_ID.fullmatch(value):
-            raise RequestError("request_id", "'request_id' must be 8 to 64 letters, digits, '.', '_' or '-'")
-        return value
+        return checked_request_id(value)
 
 
 class JobControl:

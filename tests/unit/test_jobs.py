@@ -58,7 +58,7 @@ def test_ended_records_expire_and_a_dead_workers_running_record_reads_failed(tmp
     jobs._pruned = 0.0
     jobs.prune()
     assert not (jobs.status_dir / "old-request.json").exists()
-    jobs.report("lost-request", 3, 10, 1.0, 2.0)  # running, but no worker holds the id
+    jobs.report("lost-request", 3, 10, 1.0)  # running, but no worker holds the id
     assert jobs.status("lost-request")["state"] == "failed"
 
 
@@ -109,7 +109,7 @@ def test_the_control_answers(tmp_path):
 
     jobs.claim("running-one")  # this process holds it: alive
     try:
-        jobs.report("running-one", 4, 10, 2.0, 3.0)
+        jobs.report("running-one", 4, 10, 2.0)
         assert ask("status", "running-one")["step"] == 4
         answer = ask("cancel", "running-one")
         assert answer["state"] == "cancelling" and answer["worker_pid"] > 0
