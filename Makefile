@@ -10,7 +10,7 @@ TARGETS := $(sort $(basename $(notdir $(wildcard model_configs/*/*.yaml))))
 # --ts-config, so recipes (tests, benchmarks: private servers with their own config) never see it.
 unexport TS_CONFIG_FILE
 
-.PHONY: help setup weights archive kserve image test-image quality start stop ui browser demo lint test test-unit test-integration test-arm64 bench reliability compare clean
+.PHONY: help setup weights archive kserve image test-image quality start stop ui browser demo lint test test-unit test-integration test-arm64 bench bench-real reliability compare clean
 
 help:
 	@echo "make setup                    create .venv: pip install -e '.[serve,train,dev,grpc]' (pins: pyproject.toml; checks Java 17)"
@@ -26,6 +26,7 @@ help:
 	@echo "make test                     lint, then unit + integration + browser tests (offline, starts its own TorchServe)"
 	@echo "make test-arm64 [ARM64_UNIT=..]   the arm64 archives on aarch64 (qemu; needs root + apt): unit, served, x86 vs aarch64"
 	@echo "make bench                    benchmarks -> benchmarks/results/latest.{json,md}, then make quality"
+	@echo "make bench-real               real-size models (random weights) served on cpu + CPU knobs -> benchmarks/results/real-size.* (30-45 min)"
 	@echo "make quality                  sd15 demo model judged by the cam classifier -> benchmarks/results/sd15-quality.*"
 	@echo "make reliability              load + faults + bad input -> docs/reliability.md"
 	@echo "make compare                  fine-tuning lab (lab/): cam 2.0 on shifted digits vs 1.0 -> outputs/compare.*"
@@ -162,3 +163,9 @@ compare: setup
 
 clean:
 	rm -rf model_store/*.mar model_store/sd15 model_store/.*.fingerprint outputs logs data weights/finetuned
+
+# The three models at their real sizes with random weights (weights/build_realsize.py), archived
+# through the pretrained path and served on the cpu target, plus the CPU knobs at real size:
+# benchmarks/results/real-size.{json,md}. 30-45 min on 2 cores, ~10 GB of disk. Not part of make bench.
+bench-real: setup
+	$(PY) -m benchmarks.bench_real

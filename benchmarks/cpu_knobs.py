@@ -47,14 +47,14 @@ CALLS = 5  # calls per timing
 SPEEDUP_TO_ADOPT = 1.15
 
 
-def seconds(fn) -> float:
+def seconds(fn, calls: int = CALLS) -> float:
     start = time.perf_counter()
-    for _ in range(CALLS):
+    for _ in range(calls):
         fn()
-    return (time.perf_counter() - start) / CALLS
+    return (time.perf_counter() - start) / calls
 
 
-def speedups(variants: dict) -> dict:
+def speedups(variants: dict, rounds: int = ROUNDS, calls: int = CALLS) -> dict:
     """{name: median per-round speedup over `baseline`}; each variant is called once untimed first
     (torch.compile compiles then; its compile time is reported apart)."""
     compile_s = {}
@@ -62,18 +62,20 @@ def speedups(variants: dict) -> dict:
         start = time.perf_counter()
         fn()
         compile_s[name] = time.perf_counter() - start
-    rounds = {name: [] for name in variants}
-    for _ in range(ROUNDS):
-        base = seconds(variants["baseline"])
+    ratios = {name: [] for name in variants}
+    for _ in range(rounds):
+        base = seconds(variants["baseline"], calls)
         for name, fn in variants.items():
-            rounds[name].append(base / seconds(fn) if name != "baseline" else 1.0)
-    return {name: round(statistics.median(r), 3) for name, r in rounds.items()}, compile_s
+            ratios[name].append(base / seconds(fn, calls) if name != "baseline" else 1.0)
+    return {name: round(statistics.median(r), 3) for name, r in ratios.items()}, compile_s
 
 
-def loaded(cls, model: str, **overrides):
-    """The handler with the cpu config, `overrides` replacing keys of its handler section."""
+def loaded(cls, model: str, weights: Path | None = None, **overrides):
+    """The handler with the cpu config (demo weights unless `weights`), `overrides` replacing keys
+    of its handler section."""
     tmp = Path(tempfile.mkdtemp(prefix=f"knobs_{model}_")) / model
-    handler, _ = load_handler(cls, model, unpack(tmp, model, demo_weights(model), "cpu", overrides or None), "cpu")
+    weights = weights or demo_weights(model)
+    handler, _ = load_handler(cls, model, unpack(tmp, model, weights, "cpu", overrides or None), "cpu")
     return handler
 
 

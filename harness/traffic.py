@@ -49,6 +49,13 @@ def worker_pids(client, model: str) -> list[int]:
     return sorted(w["pid"] for d in client.describe(model) for w in d["workers"])
 
 
+def peak_rss(pid: int) -> int:
+    """VmHWM: the largest resident set the process has had, in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kb * 1024
+
+
 def rss_mb(pids: list[int]) -> float:
     total = 0
     for pid in pids:

@@ -47,7 +47,24 @@ def select_device(gpu_id: int | None, config: dict) -> tuple[torch.device, torch
     threads = int(config.get("threads", 0) or 0)
     if threads > 0:
         torch.set_num_threads(threads)
-    return torch.device("cpu"), configured_dtype(config, cuda=False)
+    dtype = configured_dtype(config, cuda=False)
+    asks = [key for key in ("dtype_cpu", "unet_dtype_cpu") if config.get(key) == "bfloat16"]
+    if asks and not cpu_has_bf16():
+        logger.warning("%s: bfloat16 on a CPU without bf16 instructions (x86: avx512_bf16 or amx_bf16; arm: "
+                       "bf16): it runs, slower than float32; set float32 in the model config (docs/targets.md)",
+                       " and ".join(asks))
+    return torch.device("cpu"), dtype
+
+
+def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU has bf16 matmul instructions, from the flags (x86) or features (arm) of
+    Linux's cpuinfo; True where it cannot tell, so that no warning is given without evidence."""
+    try:
+        with open(cpuinfo) as f:
+            flags = {word for line in f if line.lower().startswith(("flags", "features")) for word in line.split()}
+    except OSError:
+        return True
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def runtime() -> dict:

@@ -34,6 +34,7 @@ from handlers.core.budget import seconds_per_call, streaming
 from handlers.core.estimates import predicted_x0
 from handlers.core.images import b64_png, encode_png, tensor_to_pil
 from handlers.core.model import ServedModel
+from handlers.core.precision import run_unet_in, unet_dtype
 from handlers.core.streaming import preview_event, progress_event, wants_preview
 from handlers.core.torchscript import FrozenUNet
 from handlers.ddpm.request import A1111_SAMPLERS, SCHEDULERS, DdpmRequest
@@ -60,6 +61,7 @@ class DdpmModel(ServedModel):
         except (OSError, ValueError) as exc:
             raise RuntimeError(f"ddpm: cannot load the diffusers DDPM directory {wdir}: {exc}") from exc
         self.unet.to(self.device).eval()
+        run_unet_in(self.unet, unet_dtype(self.config, self.device, self.dtype), self.dtype)
         size = self.unet.config.sample_size  # an int, or (height, width) for non-square models
         self.shape = (self.unet.config.in_channels, *((size, size) if isinstance(size, int) else size))
         # The UNet call every path makes: (sample, timestep) -> noise prediction.

@@ -27,6 +27,7 @@ from handlers.core.batch import PNG_TYPE, Group, Outcome, Pending, group_of
 from handlers.core.estimates import predicted_x0
 from handlers.core.images import b64_png, encode_png, tensor_to_pil
 from handlers.core.model import ServedModel
+from handlers.core.precision import run_unet_in, unet_dtype
 from handlers.core.streaming import no_progress
 from handlers.sd15 import library_logs
 from handlers.sd15.loras import LoraLibrary
@@ -77,16 +78,18 @@ class Sd15Model(ServedModel):
         self.safety_checker = base.safety_checker
         base.safety_checker = None
         base.register_to_config(requires_safety_checker=False)
+        run_unet_in(base.unet, unet_dtype(self.config, self.device, self.dtype), self.dtype)
         if self.config.get("attention_slicing"):
             base.enable_attention_slicing()
         set_vae_tiles(base.vae, self.config.get("vae_tile_size"))
         if self.config.get("compile"):
             base.unet = torch.compile(base.unet)
-        # from_pipe casts the modules it shares to its own dtype argument, float32 when left out.
+        # from_pipe casts the modules it shares to its own dtype argument (float32 when left out),
+        # the UNet included: the pipelines are made without one, sharing the modules as they are.
         self.pipes = {
             "txt2img": base,
-            "img2img": StableDiffusionImg2ImgPipeline.from_pipe(base, dtype=self.dtype),
-            "inpaint": StableDiffusionInpaintPipeline.from_pipe(base, dtype=self.dtype),
+            "img2img": StableDiffusionImg2ImgPipeline(**base.components, requires_safety_checker=False),
+            "inpaint": StableDiffusionInpaintPipeline(**base.components, requires_safety_checker=False),
         }
         for pipe in self.pipes.values():
             pipe.set_progress_bar_config(disable=True)

@@ -11,17 +11,10 @@ import psutil
 import yaml
 
 from deploy.targets import config_path, models
-from harness.traffic import worker_pids
+from harness.traffic import peak_rss, worker_pids
 
 DEVICE_BYTES = 8 * 2**30
 RESERVED_BYTES = 1 * 2**30  # the OS, its page cache and a console session (docs/targets.md)
-
-
-def peak_rss(pid: int) -> int:
-    """VmHWM: the largest resident set the process has had."""
-    with open(f"/proc/{pid}/status") as f:
-        kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    return kb * 1024
 
 
 def test_workers_fit_a_raspberry_pi_5(served):

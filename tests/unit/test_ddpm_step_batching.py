@@ -51,11 +51,13 @@ def assert_same_response(step_body: bytes | str, static_body: bytes | str) -> No
 @pytest.fixture(scope="module")
 def handlers(tmp_path_factory):
     """(static handler, its context), (step-level handler, its context): the same tiny UNet with
-    the shipped `cpu` and `cpu-step` model configs; the step-level one with a zero time slice
-    (`step_slice_ms: 0`: exactly one step per call, whatever the machine's speed)."""
+    the shipped `cpu` and `cpu-step` model configs, both with a float32 UNet (cpu-step's; cpu's
+    bfloat16 UNet rounds otherwise); the step-level one with a zero time slice (`step_slice_ms: 0`:
+    exactly one step per call, whatever the machine's speed)."""
     root = tmp_path_factory.mktemp("ddpm-step")
     weights = tiny_pipeline(root / "weights")
-    pair = [load_handler(DdpmHandler, "ddpm", unpack(root / target, "ddpm", weights, target), target)
+    same_dtype = {"unet_dtype_cpu": None}
+    pair = [load_handler(DdpmHandler, "ddpm", unpack(root / target, "ddpm", weights, target, same_dtype), target)
             for target in ("cpu", "cpu-step")]
     step = pair[1][0]
     assert step.model.step_slice_s == yaml.safe_load((REPO / "model_configs/ddpm/cpu-step.yaml").read_text()

@@ -17,7 +17,7 @@ from handlers.core.jobs import Jobs
 from handlers.jobs.control import JobControl, JobsRequest
 from harness.context import run_batch
 from harness.continuous import ContinuousWorker
-from harness.inprocess import demo_weights, load_handler, unpack
+from harness.inprocess import demo_weights, load_handler, pixels, unpack
 from tests.support.ids import fresh_id, jobs_of
 
 BODY = {"steps": 2, "seed": 4}
@@ -81,8 +81,8 @@ def cancel_when_running(jobs: Jobs, rid: str, past_step: int) -> threading.Threa
 @pytest.mark.parametrize("model", ["ddpm", "sd15"])
 def test_a_cancelled_request_leaves_its_group_mate_untouched(model, ddpm_handler, sd15_handler):
     """Two requests in one group, one cancelled mid-run: it is answered 499 after a step before the
-    last, the other gets exactly its image alone (ddpm: the cancelled rows leave the loop; sd15: the
-    group runs on)."""
+    last, the other gets its image alone, within the project's batching rule (ddpm: the cancelled
+    rows leave the loop; sd15: the group runs on)."""
     handler, ctx = ddpm_handler if model == "ddpm" else sd15_handler
     base = {"steps": 200, "seed": 9} if model == "ddpm" else {"prompt": "a 3", "steps": 100, "width": 64, "height": 64}
     victim, mate = fresh_id(), fresh_id()
@@ -94,7 +94,8 @@ def test_a_cancelled_request_leaves_its_group_mate_untouched(model, ddpm_handler
     assert ctx.status(0) == 499 and ctx.status(1) == 200, outs[0][:300]
     stopped = json.loads(outs[0])
     assert 3 < stopped["stopped_at_step"] < stopped["total"]
-    assert json.loads(outs[1])["images"] == json.loads(alone)["images"]
+    (got,), (want,) = json.loads(outs[1])["images"], json.loads(alone)["images"]
+    assert np.abs(pixels(got).astype(int) - pixels(want).astype(int)).max() <= 1
     assert jobs_of(handler).status(victim)["state"] == "cancelled"
     assert jobs_of(handler).status(mate)["state"] == "finished"
 

@@ -38,7 +38,7 @@ def reference() -> np.ndarray:
 @pytest.mark.parametrize("target", targets("sd15"))
 def test_every_target_draws_the_diffusers_image(target, reference, tmp_path, one_torch_thread):
     # the gpu config too: float32 on this CPU
-    unpack(tmp_path, "sd15", demo_weights("sd15"), target, handler_overrides={"dtype_cpu": "float32"})
+    unpack(tmp_path, "sd15", demo_weights("sd15"), target, handler_overrides={"dtype_cpu": "float32", "unet_dtype_cpu": None})
     handler, ctx = load_handler(Sd15Handler, "sd15", tmp_path, target)
     torch.set_num_threads(1)
     (out,) = run_batch(handler, ctx, [{"body": REQUEST}])

@@ -13,9 +13,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
+from handlers.core.precision import unet_dtype
+from harness import REPO
 from harness.context import run_batch
 from harness.inprocess import demo_weights, load_handler, pixels, unpack
 from harness.loras import random_lora
@@ -152,7 +155,9 @@ def test_lora_sets_never_share_a_unet_call_and_batched_equals_alone(served, monk
 def test_cache_keeps_the_budget_least_recently_used_first(tmp_path, lora_files):
     from handlers.sd15.loras import MIB, LoraLibrary
 
-    sizes = LoraLibrary(str(lora_files["alpha"].parent), 1, 4).usable()
+    config = yaml.safe_load((REPO / "model_configs/sd15/cpu.yaml").read_text())["handler"]
+    itemsize = unet_dtype(config, torch.device("cpu"), torch.float32).itemsize  # LoRAs load in the UNet's dtype
+    sizes = LoraLibrary(str(lora_files["alpha"].parent), 1, itemsize).usable()
     room = (sizes["alpha"] + sizes["beta"] + sizes["gamma"] / 2) / MIB  # any two of the three, never all
     handler, ctx, _ = handler_with(tmp_path, {n: lora_files[n] for n in ("alpha", "beta", "gamma")},
                                    lora_cache_mb=room)

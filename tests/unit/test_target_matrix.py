@@ -24,6 +24,7 @@ import handlers.adapter.torchserve as adapter
 from deploy.targets import config_path, models, targets
 from handlers.cam.handler import CamHandler
 from handlers.core.model import configured_dtype
+from handlers.core.precision import unet_dtype
 from handlers.ddpm.handler import DdpmHandler
 from handlers.sd15.handler import Sd15Handler
 from harness.context import run_batch
@@ -49,6 +50,15 @@ DDPM_BASE = {"steps": 4, "scheduler": "ddim"}
 def target_dtype(model: str, target: str) -> torch.dtype:
     cfg = yaml.safe_load(config_path(model, target).read_text())
     return configured_dtype(cfg.get("handler") or {}, cuda=cfg.get("deviceType") == "gpu")
+
+
+def module_dtype(model: str, target: str, name: str) -> torch.dtype:
+    """The dtype the target runs module `name` in: a UNet in `unet_dtype_cpu` on a CPU target
+    that sets it (handlers/core/precision.py), everything else in the target's dtype."""
+    cfg = yaml.safe_load(config_path(model, target).read_text())
+    device = torch.device("cuda" if cfg.get("deviceType") == "gpu" else "cpu")
+    want = target_dtype(model, target)
+    return unet_dtype(cfg.get("handler") or {}, device, want) if name.split(".")[-1] == "unet" else want
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +149,8 @@ def test_modules_run_in_the_targets_dtype(loaded):
     assert found, "no torch module found on the served model"
     for name, module in found:
         dtypes = {p.dtype for p in module.parameters()} | {b.dtype for b in module.buffers() if b.is_floating_point()}
-        assert dtypes <= {want}, f"{model}/{target}: {name} holds {dtypes}, the target runs {want}"
+        runs = module_dtype(model, target, name)
+        assert dtypes <= {runs}, f"{model}/{target}: {name} holds {dtypes}, the target runs it in {runs}"
 
 
 @over(CASES)
@@ -214,9 +225,10 @@ def test_sd15_lora_in_the_targets_dtype(loaded):
     (base,) = ask(handler, ctx, [body])
     (lora,) = ask(handler, ctx, [{**body, "loras": [{"name": "random"}]}])
     assert np.abs(assert_real_image(lora["images"][0]) - pixels(base["images"][0])).max() > 0
-    want = target_dtype(model, target)
     pipe = handler.model.pipes["txt2img"]
-    lora_dtypes = {p.dtype for m in (pipe.unet, pipe.text_encoder) for n, p in m.named_parameters() if ".lora_" in n}
-    assert lora_dtypes == {want}, f"{target}: LoRA layers hold {lora_dtypes}, the target runs {want}"
+    for name in ("unet", "text_encoder"):
+        want = module_dtype(model, target, name)
+        lora_dtypes = {p.dtype for n, p in getattr(pipe, name).named_parameters() if ".lora_" in n}
+        assert lora_dtypes == {want}, f"{target}: the {name}'s LoRA layers hold {lora_dtypes}, it runs in {want}"
     (again,) = ask(handler, ctx, [body])
     assert np.array_equal(pixels(again["images"][0]), pixels(base["images"][0]))
