@@ -26,7 +26,7 @@ help:
 	@echo "make test                     lint, then unit + integration + browser tests (offline, starts its own TorchServe)"
 	@echo "make test-arm64 [ARM64_UNIT=..]   the arm64 archives on aarch64 (qemu; needs root + apt): unit, served, x86 vs aarch64"
 	@echo "make bench                    benchmarks -> benchmarks/results/latest.{json,md}, then make quality"
-	@echo "make bench-real               real-size models (random weights) served on cpu + CPU knobs -> benchmarks/results/real-size.* (30-45 min)"
+	@echo "make bench-real               real-size models (random weights) served on cpu + CPU knobs -> benchmarks/results/real-size.* (10-15 min)"
 	@echo "make quality                  sd15 demo model judged by the cam classifier -> benchmarks/results/sd15-quality.*"
 	@echo "make reliability              load + faults + bad input -> docs/reliability.md"
 	@echo "make compare                  fine-tuning lab (lab/): cam 2.0 on shifted digits vs 1.0 -> outputs/compare.*"
@@ -166,6 +166,6 @@ clean:
 
 # The three models at their real sizes with random weights (weights/build_realsize.py), archived
 # through the pretrained path and served on the cpu target, plus the CPU knobs at real size:
-# benchmarks/results/real-size.{json,md}. 30-45 min on 2 cores, ~10 GB of disk. Not part of make bench.
+# benchmarks/results/real-size.{json,md}. 10-15 min on 2 cores, ~10 GB of disk. Not part of make bench.
 bench-real: setup
 	$(PY) -m benchmarks.bench_real

@@ -11,8 +11,9 @@ machine's matmul rate, from which docs/targets.md's arm64 and gpu limits are re-
 
     python -m benchmarks.bench_real [--report | --resume]   -> benchmarks/results/real-size.{json,md}
 
-Takes 30-45 minutes on the 2-core development machine (the two 512-px sd15 requests are most of
-it) and ~10 GB of disk (weights + their copy in the store). `--report` rewrites the .md from the
+Takes 10-15 minutes on the 2-core development machine (the knobs at SD1.5's size are half of it;
+float32 UNets make the served part three times longer) and ~10 GB of disk (weights + their copy
+in the store). `--report` rewrites the .md from the
 .json without measuring; `--resume` measures the knobs on the served figures of a run that stopped
 after them (kept in real-size.partial.json).
 """

@@ -111,7 +111,7 @@ def cam(root: Path) -> dict:
 
 def ddpm(root: Path) -> dict:
     torch.set_num_threads(threads("ddpm"))
-    handler = loaded(DdpmHandler, "ddpm", root / "ddpm", torchscript=False)
+    handler = loaded(DdpmHandler, "ddpm", root / "ddpm", torchscript=False, unet_dtype_cpu=None)  # the fp32 baseline
     unet = handler.model.unet.eval()
     x = torch.randn((8, *handler.model.shape), generator=torch.Generator().manual_seed(0))
     t = torch.full((8,), 500)

@@ -18,7 +18,7 @@ those of the real models. Each UNet's output layer is scaled down so that a rand
 prediction stays small over many steps, as a trained one does (an unscaled random UNet drives
 the latents far outside the range a VAE decodes: NaN/inf in the images, not a measurement).
 
-    python -m weights.build_realsize [--out weights/realsize] [sd15 ddpm cam]   (~3 min, 4.8 GB)
+    python -m weights.build_realsize [--out weights/realsize] [sd15 ddpm cam]   (~1 min, 4.3 GB)
 """
 from __future__ import annotations
 
