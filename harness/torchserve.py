@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 from clients.api import TorchServeClient
 from deploy.kserve_layout import parse_properties
 from harness import REPO
@@ -24,9 +26,24 @@ from harness import REPO
 VENV_BIN = REPO / ".venv" / "bin"
 
 
-def run_archive_sh(*args: str) -> subprocess.CompletedProcess:
-    """./archive.sh with `args` (text output captured, not checked)."""
-    return subprocess.run([str(REPO / "archive.sh"), *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+def run_archive_sh(*args: str, model_configs: Path | None = None) -> subprocess.CompletedProcess:
+    """./archive.sh with `args` (text output captured, not checked); `model_configs`: the model
+    configs directory it reads (MODEL_CONFIGS) instead of the repo's."""
+    env = {**os.environ, "MODEL_CONFIGS": str(model_configs)} if model_configs else None
+    return subprocess.run([str(REPO / "archive.sh"), *args], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=env)
+
+
+def model_configs_with(out: Path, overrides: dict[tuple[str, str], dict]) -> Path:
+    """A copy of the repo's model_configs/ at `out` in which `overrides[(model, target)]` replaces
+    keys of that yaml's `handler:` section (for run_archive_sh's `model_configs`)."""
+    shutil.copytree(REPO / "model_configs", out)
+    for (model, target), handler in overrides.items():
+        path = out / model / f"{target}.yaml"
+        config = yaml.safe_load(path.read_text())
+        config["handler"].update(handler)
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return out
 
 
 def key_file_written(path: Path) -> bool:

@@ -13,17 +13,17 @@ from __future__ import annotations
 import base64
 import io
 import json
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import requests
+import yaml
 from PIL import Image
 
 from harness import REPO
-from harness.torchserve import TorchServeInstance
+from harness.torchserve import TorchServeInstance, model_configs_with, run_archive_sh
 from harness.traffic import without_ids
 
 VARIANTS = {"ddpm_static": "cpu", "ddpm_step": "cpu-step"}  # model name: target
@@ -32,17 +32,20 @@ VARIANTS = {"ddpm_static": "cpu", "ddpm_step": "cpu-step"}  # model name: target
 BARE = {"metadata": False}
 
 
-def build_archive(store, name: str, target: str) -> None:
-    """archive.sh --target T under model name `name` into `store` (the shipped model configs)."""
-    subprocess.run([str(REPO / "archive.sh"), "--target", target, "--store", str(store), "--name", name, "ddpm"],
-                   check=True, capture_output=True)
+def build_archive(store, name: str, target: str, configs) -> None:
+    """archive.sh --target T under model name `name` into `store`."""
+    run = run_archive_sh("--target", target, "--store", str(store), "--name", name, "ddpm", model_configs=configs)
+    assert run.returncode == 0, run.stderr
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     store = tmp_path_factory.mktemp("ddpm-step-store")
+    # The static archive with cpu-step's float32 UNet (cpu.yaml's bfloat16 UNet rounds otherwise).
+    configs = model_configs_with(tmp_path_factory.mktemp("configs") / "model_configs", {("ddpm", "cpu"): {
+        "unet_dtype_cpu": yaml.safe_load((REPO / "model_configs/ddpm/cpu-step.yaml").read_text())["handler"]["unet_dtype_cpu"]}})
     for name, target in VARIANTS.items():
-        build_archive(store, name, target)
+        build_archive(store, name, target, configs)
     with TorchServeInstance(archives=[f"{n}.mar" for n in VARIANTS], source_store=store, load_at_start=False) as ts:
         for name in VARIANTS:  # the same batch size for both; workers and threads from each config
             ts.client.register(f"{name}.mar", batch_size=8, max_batch_delay=100)

@@ -119,7 +119,8 @@ def test_the_other_requests_of_a_cancelled_ones_batch_are_untouched(server):
         cancelled, kept = victim.result(), other.result()
         assert last_event(cancelled)["status"] == 499 and kept.status_code == 200, (cancelled.text[-200:], kept.text[:200])
         assert cancelled.headers["X-Batch-Size"] == kept.headers["X-Batch-Size"] == "2"
-        assert kept.json()["images"] == alone["images"]
+        (got,), (want,) = kept.json()["images"], alone["images"]
+        assert np.abs(pixels(got).astype(int) - pixels(want).astype(int)).max() <= 1  # the project's batching rule
     finally:
         server.client.scale("ddpm", 2, 2)
 
@@ -181,7 +182,7 @@ def test_bad_jobs_requests_name_their_field(server, payload, field, status):
 
 
 @pytest.mark.parametrize("tool, model, args", [
-    ("generate", "sd15", ["a red handwritten 7", "--steps", "60", "--width", "192", "--height", "192"]),
+    ("generate", "sd15", ["a red handwritten 7", "--steps", "100", "--width", "512", "--height", "512"]),
     ("sample", "ddpm", ["-n", "16", "--steps", "1000"]),
 ])
 def test_ctrl_c_in_a_client_tool_cancels_its_request(server, tool, model, args):

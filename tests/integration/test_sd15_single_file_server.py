@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from harness.sd15_single_file import write_fixture
-from harness.torchserve import TorchServeInstance, run_archive_sh
+from harness.torchserve import TorchServeInstance, model_configs_with, run_archive_sh
 
-# An fp16 file holds the fp32 weights rounded to fp16; the cpu target computes in fp32 with those.
+# An fp16 file holds the fp32 weights rounded to fp16; served here in fp32 throughout.
 # Measured on this fixture at 3 steps, 64x64, over 16 seeds: at most 8 of 255 in a channel, 0.15 on
 # average. The bounds leave room for other seeds and CPUs.
 FP16_MAX_PIXEL_DIFF = 12
@@ -30,9 +30,12 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("single-file")
     fixture = write_fixture(root)
     weights = {"sd15_dir": fixture.directory, "sd15_file": fixture.fp32, "sd15_file_fp16": fixture.fp16}
+    # The UNet in float32 as well, so that the bounds below measure the file's fp16 rounding alone
+    # (cpu.yaml's bfloat16 UNet would round each trajectory again).
+    configs = model_configs_with(root / "model_configs", {("sd15", "cpu"): {"unet_dtype_cpu": None}})
     for name, path in weights.items():
         run = run_archive_sh("--store", str(root / "store"), "--name", name, "--weights", str(path),
-                             "--config-tree", str(fixture.config_tree), "sd15")
+                             "--config-tree", str(fixture.config_tree), "sd15", model_configs=configs)
         assert run.returncode == 0, run.stderr
     with TorchServeInstance(archives=list(weights), source_store=root / "store") as ts:
         yield ts, weights
