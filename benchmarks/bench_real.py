@@ -40,7 +40,9 @@ from PIL import Image
 from benchmarks import RESULTS, real_knobs
 from benchmarks.measure import load
 from clients.api import ServerError
+from handlers.core.precision import BF16_FLAGS, cpu_flags
 from handlers.ddpm.request import DdpmRequest
+from handlers.sd15.request import Sd15Request
 from harness import REPO
 from harness.torchserve import TorchServeInstance
 from harness.traffic import peak_rss, worker_pids
@@ -51,6 +53,7 @@ REALSIZE = REPO / "weights" / "realsize"
 TARGET = "cpu"
 SD15_REQUEST = {"prompt": "a lighthouse at dusk, oil painting", "width": 512, "height": 512, "steps": 25,
                 "seed": 1, "metadata": False}
+SD15_STREAMED = {**SD15_REQUEST, "preview_every": 5}  # approximate previews: no VAE decode
 CAM_CONCURRENCY, CAM_REQUESTS = 8, 64
 DDPM_REQUEST = {"num_images": 8}  # the model's default steps and scheduler
 DDPM_CONCURRENCY, DDPM_REQUESTS = 2, 6
@@ -104,9 +107,8 @@ def matmul_gflops(dtype: torch.dtype, threads: int, n: int = 2048, calls: int = 
 
 
 def machine(threads: int) -> dict:
-    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
     return {"cpu": cpu_name(), "cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "bf16_instructions": sorted(f for f in ("avx512_bf16", "amx_bf16") if f in flags.split()),
+            "bf16_instructions": sorted((cpu_flags() or set()) & BF16_FLAGS),
             "torch": torch.__version__, "threads": threads,
             "matmul_gflops_fp32": matmul_gflops(torch.float32, threads),
             "matmul_gflops_bf16": matmul_gflops(torch.bfloat16, threads),
@@ -158,7 +160,7 @@ def sd15_requests(ts: TorchServeInstance) -> dict:
              "answer": body.get("error") if resp.status_code != 200 else f"{len(body['images'])} image(s)"}
     events, times, start = [], [], time.perf_counter()
     try:
-        for event in ts.client.stream("sd15", {**SD15_REQUEST, "preview_every": 5}):
+        for event in ts.client.stream("sd15", SD15_STREAMED):
             events.append(event)
             times.append(time.perf_counter() - start)
             if event["event"] == "progress":
@@ -299,10 +301,12 @@ UNIT_GFLOP = {"sd15": 1600, "ddpm": 12.1}
 
 def derive(r: dict) -> None:
     """The figures computed from the measured ones (also by --report): sd15's served units/s and
-    effective GFLOP/s (the streamed request's UNet steps, one unit each at 512 px, plus a VAE
-    decode of 1.54 units), and the targets table."""
+    effective GFLOP/s (the streamed request's work in the handler's own cost model, over its
+    time), and the targets table."""
     st = r["sd15"]["streamed"]
-    rate = (st["progress_steps"][-1] + 1.54) / st["total_s"] if st["completed"] else None
+    # The request's fields as sent: its validation needs a served model's context, its cost does not.
+    units = Sd15Request.model_construct(**SD15_STREAMED).cost()
+    rate = units / st["total_s"] if st["completed"] else None
     r["sd15"]["units_per_s"] = round(rate, 4) if rate else None
     r["sd15"]["effective_gflops"] = round(rate * UNIT_GFLOP["sd15"], 1) if rate else None
     r["targets"] = targets(r)
@@ -393,22 +397,24 @@ def run(resume: bool = False) -> dict:
     if resume:
         results = json.loads(partial.read_text())
     else:
-        started, load_before = time.time(), os.getloadavg()[0]
+        started = time.perf_counter()
         threads = model_config("sd15")["handler"]["threads"]
-        results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(threads),
-                   "started": started, "load_before": load_before}
+        results = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine(threads)}
+        results["machine"]["load_average"] = [round(os.getloadavg()[0], 1)]  # before; after is appended
         build_weights(REALSIZE)
         scratch = Path(tempfile.mkdtemp(prefix="bench-real-"))
         try:
             results.update(serve(REALSIZE, scratch))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+        results["served_min"] = round((time.perf_counter() - started) / 60, 1)
         partial.write_text(json.dumps(results, indent=2) + "\n")
     print("== bench-real: CPU knobs at real size", flush=True)
+    started = time.perf_counter()
     results["knobs"] = real_knobs.measure(REALSIZE)
     results["anchors"] = ANCHORS
-    results["machine"]["load_average"] = [round(results.pop("load_before"), 1), round(os.getloadavg()[0], 1)]
-    results["duration_min"] = round((time.time() - results.pop("started")) / 60, 1)
+    results["machine"]["load_average"].append(round(os.getloadavg()[0], 1))
+    results["duration_min"] = round(results["served_min"] + (time.perf_counter() - started) / 60, 1)
     partial.unlink(missing_ok=True)
     return results
 

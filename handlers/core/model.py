@@ -24,6 +24,7 @@ from handlers.core import provenance
 from handlers.core.batch import Group, Outcome, Pending
 from handlers.core.bodies import json_body
 from handlers.core.budget import StepClock, TimeBudget
+from handlers.core.precision import warn_without_bf16
 from handlers.core.request import RequestModel
 
 logger = logging.getLogger(__name__)
@@ -48,23 +49,8 @@ def select_device(gpu_id: int | None, config: dict) -> tuple[torch.device, torch
     if threads > 0:
         torch.set_num_threads(threads)
     dtype = configured_dtype(config, cuda=False)
-    asks = [key for key in ("dtype_cpu", "unet_dtype_cpu") if config.get(key) == "bfloat16"]
-    if asks and not cpu_has_bf16():
-        logger.warning("%s: bfloat16 on a CPU without bf16 instructions (x86: avx512_bf16 or amx_bf16; arm: "
-                       "bf16): it runs, slower than float32; set float32 in the model config (docs/targets.md)",
-                       " and ".join(asks))
+    warn_without_bf16("dtype_cpu", dtype)
     return torch.device("cpu"), dtype
-
-
-def cpu_has_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this CPU has bf16 matmul instructions, from the flags (x86) or features (arm) of
-    Linux's cpuinfo; True where it cannot tell, so that no warning is given without evidence."""
-    try:
-        with open(cpuinfo) as f:
-            flags = {word for line in f if line.lower().startswith(("flags", "features")) for word in line.split()}
-    except OSError:
-        return True
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def runtime() -> dict:

@@ -6,11 +6,13 @@ import logging
 
 import torch
 
-from handlers.core import model
-from handlers.core.model import cpu_has_bf16, select_device
+from handlers.core import precision
+from handlers.core.model import select_device
+from handlers.core.precision import cpu_has_bf16, unet_dtype
 
 X86 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw {extra}\n"
 ARM = "processor\t: 0\nFeatures\t: fp asimd evtstrm {extra}\n"
+CPU = torch.device("cpu")
 
 
 def test_bf16_instructions_are_read_from_cpuinfo(tmp_path):
@@ -23,18 +25,21 @@ def test_bf16_instructions_are_read_from_cpuinfo(tmp_path):
 
 
 def test_bfloat16_without_the_instructions_runs_with_a_warning(monkeypatch, caplog):
-    monkeypatch.setattr(model, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
     threads = torch.get_num_threads()
-    with caplog.at_level(logging.WARNING, logger=model.__name__):
-        assert select_device(None, {"dtype_cpu": "bfloat16", "threads": threads}) == (torch.device("cpu"), torch.bfloat16)
+    with caplog.at_level(logging.WARNING, logger=precision.__name__):
+        assert select_device(None, {"dtype_cpu": "bfloat16", "threads": threads}) == (CPU, torch.bfloat16)
     assert "dtype_cpu: bfloat16 on a CPU without bf16 instructions" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger=model.__name__):
+    with caplog.at_level(logging.WARNING, logger=precision.__name__):
         assert select_device(None, {"unet_dtype_cpu": "bfloat16", "threads": threads})[1] == torch.float32
-    assert "unet_dtype_cpu: bfloat16 on a CPU" in caplog.text
+        assert unet_dtype({"unet_dtype_cpu": "bfloat16"}, CPU, torch.float32) == torch.bfloat16
+    assert caplog.text.count("unet_dtype_cpu: bfloat16 on a CPU") == 1
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger=model.__name__):
+    with caplog.at_level(logging.WARNING, logger=precision.__name__):
         assert select_device(None, {"dtype_cpu": "float32", "threads": threads})[1] == torch.float32
-        monkeypatch.setattr(model, "cpu_has_bf16", lambda: True)
+        assert unet_dtype({"unet_dtype_cpu": None}, CPU, torch.float32) == torch.float32
+        monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
         assert select_device(None, {"dtype_cpu": "bfloat16", "threads": threads})[1] == torch.bfloat16
+        assert unet_dtype({"unet_dtype_cpu": "bfloat16"}, CPU, torch.float32) == torch.bfloat16
     assert caplog.text == ""
