@@ -138,12 +138,9 @@ fingerprint() {  # every input that changes the archive: handler code, config, w
   } | sha256sum | cut -d' ' -f1
 }
 
-# The weights' content: "Model hash" in the PNGs a model writes. A directory: every file's path and
-# bytes; a single file: its own sha256, the hash AUTOMATIC1111 and civitai show for it.
-weights_sha256() {
-  if [ -f "$1" ]; then sha256sum < "$1" | cut -d' ' -f1; return; fi
-  (cd "$1" && find -L . -type f -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum) | sha256sum | cut -d' ' -f1
-}
+# The weights' content: "Model hash" in the PNGs a model writes (weights/sha256.py: a directory's
+# files' paths and bytes, a single file's own sha256; cached per file by size and mtime).
+weights_sha256() { local path; path="$(realpath -s "$1")" && (cd "$here" && "$python" -m weights.sha256 "$path"); }
 
 # Unchanged inputs (the same fingerprint as the archive's stamp) leave the archive as it is.
 up_to_date() {  # out stamp fingerprint name
@@ -152,8 +149,8 @@ up_to_date() {  # out stamp fingerprint name
 }
 # Each archive is built in a temp dir of the store ($work) and moved into place when whole.
 start_build() {  # name
-  work="$(mktemp -d "$store/.build-$1.XXXXXX")"
-  trap 'rm -rf "$work"' EXIT
+  work="$(mktemp -d "$store/.build-$1.XXXXXX")"; copying=""
+  trap '[ -z "$copying" ] || kill "$copying" 2>/dev/null; rm -rf "$work"' EXIT
   mkdir -p "$work/extra" "$work/out" "$work/tmp"
 }
 finish_build() {  # built out stamp fingerprint
@@ -196,10 +193,16 @@ for m in "${models[@]}"; do
     (cd "$here" && "$python" -m weights.single_file "$single" --out "$work/weights" --config "$config_tree") || exit 1
     wdir="$work/weights"
   fi
+  if [ "$format" = "no-archive" ] && [ -z "$single" ]; then
+    # The weights are copied while they are hashed and the archiver runs (the copy is mostly the
+    # kernel's work). -L: a hub cache snapshot is a tree of symlinks into ../../blobs; copy the files.
+    cp -rL --reflink=auto "$wdir/." "$work/copy" & copying=$!
+  fi
   (cd "$here" && find $(code_of "$m") -name '*.py' -type f -exec cp --parents {} "$work/extra/" \;)
   # What the handler's describe reports (GET /models/<name>?customized=true).
+  digest="$(weights_sha256 "${single:-$wdir}")" || die "hashing the weights of $mname failed"
   printf '{"profile": "%s", "target": "%s", "version": "%s", "fingerprint": "%s", "weights_sha256": "%s"}\n' \
-    "$profile" "$target" "$version" "$fp" "$(weights_sha256 "${single:-$wdir}")" > "$work/extra/archive.json"
+    "$profile" "$target" "$version" "$fp" "$digest" > "$work/extra/archive.json"
   # The archiver copies its inputs twice for no-archive (to a temp dir, then to the output):
   # for GBs of weights, give it only the code and copy the weights into its output once.
   [ "$format" = "no-archive" ] || ln -s "$(cd "$wdir" && pwd)" "$work/extra/weights"
@@ -211,10 +214,12 @@ for m in "${models[@]}"; do
     || die "torch-model-archiver failed for $mname"
   built="$work/out/$mname"; [ "$format" = "no-archive" ] || built="$built.mar"
   if [ "$format" = "no-archive" ]; then
-    # -L: a hub cache snapshot is a tree of symlinks into ../../blobs; copy the files themselves.
     # A converted single file is already a copy of its own in the build dir.
     if [ -n "$single" ]; then mv "$wdir" "$built/weights"
-    else cp -rL --reflink=auto "$wdir/." "$built/weights" || die "copying the weights of $mname failed"; fi
+    else
+      wait "$copying" || { copying=""; die "copying the weights of $mname failed"; }
+      copying=""; mv "$work/copy" "$built/weights"
+    fi
   fi
   finish_build "$built" "$out" "$stamp" "$fp"
   echo "archive.sh: wrote $out ($(du -sh "$out" | cut -f1), $(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e-s}') s)"

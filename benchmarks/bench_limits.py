@@ -138,8 +138,9 @@ def run() -> dict:
                   f"ddpm: batch-1 DDIM-{DIFFUSION['ddpm'][1]['steps']} requests, demo UNet (16x16, 1.1 M params), "
                   "vs the worker's own estimate from its warm-up (batch-1 UNet calls at load)",
                   f"sd15: batch-1 requests of 256x256 at 4 steps = {sd15['units_per_request']} units (handler cost "
-                  "model: 512x512 guided steps + VAE decode) vs the worker's estimate from one guided UNet call "
-                  "at the native size; the cost model's size scaling is SD1.5's, the demo model's may differ",
+                  "model: 512x512 guided steps + VAE decode) vs the worker's estimate from its warm-up (a 2-step "
+                  "256x256 request: the slowest of a step, the decode and the whole per unit); the cost model's "
+                  "size scaling is SD1.5's, the demo model's may differ",
                   f"cam: a full batch of {cam['batch']} raw-bytes uploads of a seeded {cam['side']}x{cam['side']} "
                   f"RGB noise PNG ({cam['png_mb']:.0f} MB, at max_image_pixels): decode + classify + CAM + "
                   f"response; its time vs responseTimeout {cam['timeout']} s x timeout_margin {cam['margin']}",

@@ -28,10 +28,17 @@ from handlers.core.estimates import predicted_x0
 from handlers.core.images import b64_png, encode_png, tensor_to_pil
 from handlers.core.model import ServedModel
 from handlers.core.precision import run_unet_in, unet_dtype
-from handlers.core.streaming import no_progress
 from handlers.sd15 import library_logs
 from handlers.sd15.loras import LoraLibrary
-from handlers.sd15.request import A1111_SAMPLERS, SCHEDULERS, Sd15Request
+from handlers.sd15.request import (
+    A1111_SAMPLERS,
+    DECODE_COST,
+    REFERENCE_PIXELS,
+    SCHEDULERS,
+    STEP_COST,
+    Sd15Request,
+    work,
+)
 
 logger = logging.getLogger(__name__)
 library_logs.quiet()
@@ -110,16 +117,22 @@ class Sd15Model(ServedModel):
         logger.info("sd15: loaded %s on %s (%s)%s", wdir, self.device, self.dtype, " [demo]" if self.demo else "")
 
     def measure_step(self) -> float:
-        """Seconds per cost unit, measured at load: one whole 2-step 256x256 txt2img request (text
-        encoding, guided UNet calls, VAE decode) over its cost. Its first-call overheads count in, and
-        a model's fixed costs weigh more at 256 than at the larger sizes that use most of a budget, so
-        the figure errs slow (make bench: limits.sd15.rate_over_estimate)."""
+        """Seconds per cost unit, measured at load on one 2-step 256x256 txt2img request (text
+        encoding, guided UNet calls, VAE decode): the slowest of its parts per unit of the cost
+        model, the last UNet step over STEP_COST, the decode over DECODE_COST, the whole request
+        over its cost. The cost model holds SD1.5's proportions of step to decode, which another
+        model (the demo one) need not share: with the slowest part, a request of any number of
+        steps errs slow, and so does the first call's overhead (make bench:
+        limits.sd15.rate_over_estimate)."""
         request = self.request.parse({"prompt": "", "steps": 2, "width": 256, "height": 256, "seed": 0},
                                      self.validation_context())
-        group = group_of(Pending(0, request))
+        step_ends = []
         started = time.perf_counter()
-        self.run_group(group, no_progress)
-        return (time.perf_counter() - started) / request.cost()
+        self.run_group(group_of(Pending(0, request)), lambda *_: step_ends.append(time.perf_counter()))
+        finished = time.perf_counter()
+        p = request.width * request.height / REFERENCE_PIXELS
+        return max((finished - started) / request.cost(), (step_ends[-1] - step_ends[-2]) / work(STEP_COST, p),
+                   (finished - step_ends[-1]) / work(DECODE_COST, p))
 
     def validation_context(self) -> dict:
         return {**super().validation_context(), "max_pixels": int(self.config["max_image_pixels"]),

@@ -96,6 +96,9 @@ def test_an_archive_packs_the_core_and_its_own_model_only(tmp_path):
     tree = tmp_path / "tree"
     for part in ("handlers", "model_configs"):
         shutil.copytree(REPO / part, tree / part, ignore=shutil.ignore_patterns("__pycache__"))
+    (tree / "weights").mkdir()
+    for module in (REPO / "weights").glob("*.py"):  # archive.sh hashes the weights with weights/sha256.py
+        shutil.copy(module, tree / "weights")
     shutil.copy(REPO / "archive.sh", tree)
     env = {**os.environ, "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}",
            "CAM_WEIGHTS": str(REPO / "weights/demo/cam"), "SD15_WEIGHTS": str(REPO / "weights/demo/sd15")}
@@ -115,3 +118,19 @@ def test_an_archive_packs_the_core_and_its_own_model_only(tmp_path):
     with open(tree / "handlers" / "core" / "errors.py", "a") as f:
         f.write("\n# an edit of the core\n")
     assert "wrote" in build("cam").stdout
+
+
+def test_a_failed_weights_copy_leaves_the_store_as_it_was(tmp_path):
+    """sd15's weights are copied in the background while they are hashed and archived: a copy that
+    fails (a dangling symlink) stops the build with one line, and the store keeps its archive."""
+    store = tmp_path / "store"
+    assert archive("--store", str(store), "sd15").returncode == 0
+    before = sorted(p.name for p in (store / "sd15" / "weights").iterdir())
+    weights = tmp_path / "weights"
+    shutil.copytree(REPO / "weights/demo/sd15", weights)
+    (weights / "missing.bin").symlink_to(tmp_path / "nowhere")
+    run = archive("--force", "--store", str(store), "--weights", str(weights), "sd15")
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == "archive.sh: copying the weights of sd15 failed"
+    assert sorted(p.name for p in (store / "sd15" / "weights").iterdir()) == before
+    assert not [p for p in store.iterdir() if p.name.startswith(".build-")]
