@@ -188,6 +188,7 @@ for m in "${models[@]}"; do
   up_to_date "$out" "$stamp" "$fp" "$fname" && continue
 
   start_build "$fname"
+  start=$(date +%s.%N)
   if [ -n "$single" ]; then
     # One line on stderr when the file is refused; the trap removes the build dir.
     (cd "$here" && "$python" -m weights.single_file "$single" --out "$work/weights" --config "$config_tree") || exit 1
@@ -207,7 +208,6 @@ for m in "${models[@]}"; do
   # for GBs of weights, give it only the code and copy the weights into its output once.
   [ "$format" = "no-archive" ] || ln -s "$(cd "$wdir" && pwd)" "$work/extra/weights"
   echo "archive.sh: building $mname ($m, profile $profile, target $target, version $version, format $format) from ${single:-$wdir}"
-  start=$(date +%s.%N)
   TMPDIR="$work/tmp" "$archiver" --model-name "$mname" --version "$version" \
     --handler "${handler_override:-$here/handlers/$m/handler.py}" --extra-files "$work/extra" \
     --config-file "$config" --archive-format "$format" --export-path "$work/out" \
