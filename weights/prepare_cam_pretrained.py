@@ -15,7 +15,6 @@ layout as the demo weights (see ``build_cam_demo.py``):
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 from pathlib import Path
@@ -29,6 +28,7 @@ import torchvision
 from PIL import Image
 
 from weights.build_cam_demo import CALIBRATION_COUNT, write_cam_dir
+from weights.sha256 import file_sha256
 
 ARCH = "resnet50"
 DEFAULT_OUT = "weights/pretrained/cam"
@@ -68,14 +68,6 @@ def find_weights(weights_file: str | None) -> Path:
         f"(or fetch {WEIGHTS.url}), copy ~/.cache/torch/hub/checkpoints/{FILENAME} here and pass "
         f"--weights-file PATH, set {ENV_VAR}=PATH, or put it in {Path(torch.hub.get_dir()) / 'checkpoints'}"
     )
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_validated(path: Path) -> torch.nn.Module:
@@ -166,7 +158,7 @@ def main(argv=None) -> int:
     except WeightsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    digest = sha256(path)
+    digest = file_sha256(path)
     config = build_config(path, digest)
     if not digest.startswith(EXPECTED_SHA256_PREFIX):
         print(f"warning: {path} loads as a ResNet-50 but its sha256 does not start with "

@@ -27,8 +27,6 @@ from pathlib import Path
 
 from weights.atomic import atomic_file
 
-CHUNK = 8 << 20
-
 
 def cache_path() -> Path:
     if os.environ.get("WEIGHTS_SHA256_CACHE"):
@@ -37,12 +35,9 @@ def cache_path() -> Path:
     return base / "torchserve-models" / "weights-sha256.json"
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_sha256(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def files_of(root: Path) -> list[str]:
@@ -67,12 +62,12 @@ class Hasher:
     def __call__(self, path: Path) -> str:
         real = os.path.realpath(path)
         st = os.stat(real)
-        key, identity = real, [st.st_size, st.st_mtime_ns]
-        entry = self.known.get(key)
+        identity = [st.st_size, st.st_mtime_ns]
+        entry = self.known.get(real)
         if entry and entry[:2] == identity:
             return entry[2]
-        digest = file_sha256(Path(real))
-        self.known[key] = [*identity, digest]
+        digest = file_sha256(real)
+        self.known[real] = [*identity, digest]
         self.added = True
         return digest
 
